@@ -1,0 +1,25 @@
+"""hypergrad: verified hypergradients of fixed-point maps, hypertorch-compatible.
+
+    min_lambda E(w(lambda), lambda),   w(lambda) = Phi(w(lambda), lambda)
+
+``hypergrad.cg(params, hparams, K, fp_map, outer_loss)`` returns dE/dlambda (and adds it to
+``hparam.grad``); :func:`hypergradient` is the general entry with a choice of solver and diagnostics.
+"""
+from .errors import BreakdownError, DivergenceError, HypergradError, NonFiniteError, SingularSystemError
+from .functional import functional, load_params, module_params, param_dict
+from .hypergradients import (CG, CG_normaleq, HypergradResult, cg, cg_normaleq, exact, fixed_point, gmres,
+                             hypergradient, minres, neumann, reverse, reverse_unroll, stoch_AID)
+from .inner_optimizers import DifferentiableOptimizer, GradientDescent, HeavyBall, Momentum
+from .linear_solvers import SOLVERS, SolveInfo
+from .tensor_list import accumulate_grads as update_tensor_grads
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "hypergradient", "HypergradResult", "SolveInfo", "SOLVERS",
+    "reverse_unroll", "reverse", "fixed_point", "CG", "cg", "CG_normaleq", "cg_normaleq", "neumann",
+    "minres", "gmres", "exact", "stoch_AID",
+    "DifferentiableOptimizer", "GradientDescent", "HeavyBall", "Momentum",
+    "module_params", "param_dict", "functional", "load_params", "update_tensor_grads",
+    "HypergradError", "NonFiniteError", "DivergenceError", "BreakdownError", "SingularSystemError",
+]

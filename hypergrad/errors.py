@@ -1,0 +1,21 @@
+"""Exceptions raised by the core. Each names the problem; none is ever replaced by zeros or NaN."""
+
+
+class HypergradError(RuntimeError):
+    """Base class of the numerical failures the core detects."""
+
+
+class NonFiniteError(HypergradError, FloatingPointError):
+    """NaN or Inf appeared in a loss, a gradient, or an iterate of a linear solve."""
+
+
+class DivergenceError(HypergradError, FloatingPointError):
+    """An iteration's residual grew far beyond its starting value (the iteration diverges)."""
+
+
+class BreakdownError(HypergradError, ArithmeticError):
+    """A Krylov method broke down (e.g. CG met zero curvature on an indefinite system)."""
+
+
+class SingularSystemError(HypergradError, ArithmeticError):
+    """The linear system (I - dPhi/dw)^T v = dE/dw is singular, so the hypergradient is undefined."""

@@ -1,0 +1,43 @@
+"""``nn.Module`` adapters: module parameters as ``params``/``hparams`` lists, without ``higher``."""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+
+def module_params(module: nn.Module, requires_grad: bool = True) -> List[Tensor]:
+    """Detached copies of the module's parameters (in ``named_parameters`` order), ready to be
+    ``params`` or ``hparams``. The module itself is not modified."""
+    return [p.detach().clone().requires_grad_(requires_grad) for p in module.parameters()]
+
+
+def param_dict(module: nn.Module, tensors: Sequence[Tensor]) -> Dict[str, Tensor]:
+    """Name the tensors of a params list after the module's parameters."""
+    names = [n for n, _ in module.named_parameters()]
+    if len(names) != len(tensors):
+        raise ValueError(f"{type(module).__name__} has {len(names)} parameters but {len(tensors)} tensors "
+                         "were given")
+    for n, (name, p), t in zip(names, module.named_parameters(), tensors):
+        if p.shape != t.shape:
+            raise ValueError(f"tensor for {name!r} has shape {tuple(t.shape)}, parameter has {tuple(p.shape)}")
+    return dict(zip(names, tensors))
+
+
+def functional(module: nn.Module):
+    """``f(params, *inputs)``: the module evaluated with ``params`` in place of its parameters
+    (buffers as they are), via ``torch.func.functional_call``."""
+
+    def call(params: Sequence[Tensor], *args, **kwargs):
+        return functional_call(module, param_dict(module, params), args, kwargs)
+
+    return call
+
+
+def load_params(module: nn.Module, params: Sequence[Tensor]) -> None:
+    """Copy a params list back into the module's parameters (in place, without tracking)."""
+    with torch.no_grad():
+        for p, t in zip(module.parameters(), param_dict(module, params).values()):
+            p.copy_(t)

@@ -1,0 +1,319 @@
+"""Linear solvers for A x = b on lists of tensors, A given only through ``matvec``.
+
+Every solver has the signature ``solve(matvec, b, x0=None, *, maxiter, tol, rtol, ...) -> (x, SolveInfo)``
+and stops when the residual norm is <= max(tol, rtol * ||b||). The hypergradient functions use them with
+A = I - (dPhi/dw)^T, so one ``matvec`` is one vector-Jacobian product through the fixed-point map.
+
+Convergence is tested on the device; the host reads it only every ``check_every`` iterations
+(default: every iteration on CPU, where reading is free, every 10 on accelerators). Every read also
+checks for NaN/Inf and for a residual that grew ``divergence_factor`` times past its start, and raises.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import tensor_list as tl
+from .errors import BreakdownError, DivergenceError, NonFiniteError, SingularSystemError
+
+MatVec = Callable[[List[Tensor]], List[Tensor]]
+
+
+@dataclass
+class SolveInfo:
+    """What a solve did: ``iterations`` (operator products), final ``residual`` norm, ``converged``."""
+    solver: str
+    iterations: int
+    residual: float
+    converged: bool
+
+
+class _Monitor:
+    """Stopping rule and safety checks, reading the device only every ``check_every`` iterations."""
+
+    def __init__(self, name: str, b: Sequence[Tensor], r0: Tensor, tol: float, rtol: float,
+                 check_every: Optional[int], divergence_factor: float):
+        if tol < 0 or rtol < 0:
+            raise ValueError(f"tolerances must be >= 0, got tol={tol}, rtol={rtol}")
+        self.name = name
+        self.every = check_every or (1 if b[0].device.type == "cpu" else 10)
+        self.threshold = max(tol, rtol * float(tl.norm(b))) if rtol > 0 else tol
+        self.r0 = float(r0)
+        if not math.isfinite(self.r0):
+            raise NonFiniteError(f"{name}: the right-hand side or the starting point contains NaN or Inf")
+        self.limit = divergence_factor * max(self.r0, self.threshold)
+        self.residual = self.r0
+
+    def done_at_start(self) -> bool:
+        return self.r0 <= self.threshold
+
+    def check(self, it: int, res: Tensor, force: bool = False, hint: str = "") -> bool:
+        """True when converged. Raises on NaN/Inf or divergence. Reads ``res`` only on check iterations."""
+        if not force and it % self.every != 0:
+            return False
+        r = float(res)
+        self.residual = r
+        if not math.isfinite(r):
+            raise NonFiniteError(f"{self.name}: NaN or Inf in the iterates after {it} iterations{hint}")
+        if r > self.limit:
+            raise DivergenceError(
+                f"{self.name} diverges: residual {r:.3e} after {it} iterations, started at {self.r0:.3e}{hint}")
+        return r <= self.threshold
+
+
+def _start(matvec: MatVec, b: Sequence[Tensor], x0) -> Tuple[List[Tensor], List[Tensor], int]:
+    """Initial iterate and residual (one product when a warm start is given)."""
+    if x0 is None:
+        return tl.zeros_like(b), list(b), 0
+    x = tl.check_like(x0, b, "v0 (warm start)", "the adjoint")
+    x = [t.detach().clone() if not t.requires_grad else t for t in x]
+    return x, tl.sub(b, matvec(x)), 1
+
+
+def solve_fixed_point(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: float = 1e-10,
+                      rtol: float = 0.0, check_every=None, divergence_factor: float = 1e6, **_):
+    """Richardson iteration x <- x + (b - A x), i.e. v <- J^T v + b for A = I - J^T.
+
+    ``residual`` is the last change ||x_{k+1} - x_k|| = ||b - A x_k|| (hypertorch's stopping rule).
+    """
+    x, r, its = _start(matvec, b, x0)
+    mon = _Monitor("fixed_point", b, tl.norm(r), tol, rtol, check_every, divergence_factor)
+    converged = mon.done_at_start()
+    for k in range(maxiter):
+        if converged:
+            break
+        if k > 0:  # the first residual is known: b (cold start) or computed by _start (warm start)
+            r = tl.sub(b, matvec(x))
+            its += 1
+        x = tl.axpy(1.0, r, x)
+        converged = mon.check(k + 1, tl.norm(r), force=(k + 1 == maxiter))
+    return x, SolveInfo("fixed_point", its, mon.residual, converged)
+
+
+def solve_neumann(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: float = 1e-10,
+                  rtol: float = 0.0, check_every=None, divergence_factor: float = 1e6, **_):
+    """Truncated Neumann series x = x0 + sum_{i<=K} (I - A)^i r0; equals ``fixed_point`` with K+1 steps.
+
+    ``residual`` is the norm of the last term added.
+    """
+    x, p, its = _start(matvec, b, x0)
+    x = tl.axpy(1.0, p, x)
+    mon = _Monitor("neumann", b, tl.norm(p), tol, rtol, check_every, divergence_factor)
+    converged = mon.done_at_start()
+    for k in range(maxiter):
+        if converged:
+            break
+        p = tl.sub(p, matvec(p))
+        its += 1
+        x = tl.axpy(1.0, p, x)
+        converged = mon.check(k + 1, tl.norm(p), force=(k + 1 == maxiter))
+    return x, SolveInfo("neumann", its, mon.residual, converged)
+
+
+def _safe_div(num: Tensor, den: Tensor) -> Tensor:
+    """num / den, with 0 where den == 0 (an exactly converged Krylov method divides 0 by 0)."""
+    return num / torch.where(den == 0, torch.ones_like(den), den)
+
+
+def solve_cg(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: float = 1e-10, rtol: float = 0.0,
+             check_every=None, divergence_factor: float = 1e6, **_):
+    """Conjugate gradient for symmetric positive definite A. Returns the *latest* iterate.
+
+    Breakdown (p^T A p = 0 with a nonzero residual: an indefinite or singular A) raises
+    :class:`BreakdownError` instead of returning NaN.
+    """
+    x, r, its = _start(matvec, b, x0)
+    rr = tl.dot(r, r)
+    mon = _Monitor("cg", b, torch.sqrt(rr), tol, rtol, check_every, divergence_factor)
+    converged = mon.done_at_start()
+    p = r
+    broke = torch.zeros((), dtype=torch.bool, device=rr.device)
+    hint = "; the system may be indefinite or non-symmetric: try solver='minres' or 'gmres'"
+    for k in range(maxiter):
+        if converged:
+            break
+        Ap = matvec(p)
+        its += 1
+        pAp = tl.dot(p, Ap)
+        broke = broke | ((pAp == 0) & (rr > 0))
+        alpha = _safe_div(rr, pAp)
+        x = tl.axpy(alpha, p, x)
+        r = tl.axpy(-alpha, Ap, r)
+        rr_new = tl.dot(r, r)
+        converged = mon.check(k + 1, torch.sqrt(rr_new), force=(k + 1 == maxiter), hint=hint)
+        if (k + 1) % mon.every == 0 and bool(broke):
+            raise BreakdownError(f"cg broke down at iteration {k + 1}: p^T A p = 0 with residual "
+                                 f"{mon.residual:.3e}{hint}")
+        p = tl.axpy(_safe_div(rr_new, rr), p, r)
+        rr = rr_new
+    return x, SolveInfo("cg", its, mon.residual, converged)
+
+
+def solve_minres(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: float = 1e-10,
+                 rtol: float = 0.0, check_every=None, divergence_factor: float = 1e6, **_):
+    """MINRES (Paige & Saunders) for symmetric, possibly indefinite or singular A.
+
+    One product per iteration; minimizes ||b - A x|| over the Krylov space. The recurrence residual is
+    confirmed at the end by one true residual; a mismatch (A not symmetric) raises :class:`BreakdownError`.
+    """
+    x, r1, its = _start(matvec, b, x0)
+    beta = tl.norm(r1)
+    mon = _Monitor("minres", b, beta, tol, rtol, check_every, divergence_factor)
+    converged = mon.done_at_start()
+    if converged:
+        return x, SolveInfo("minres", its, mon.residual, True)
+    zero = torch.zeros_like(beta)
+    eps = torch.finfo(beta.dtype).eps
+    y, r2 = r1, r1
+    oldb, dbar, epsln, phibar = zero, zero, zero, beta
+    cs, sn = -torch.ones_like(beta), zero
+    w, w2 = tl.zeros_like(b), tl.zeros_like(b)
+    for k in range(maxiter):
+        v = tl.scale(_safe_div(torch.ones_like(beta), beta), y)
+        y = matvec(v)
+        its += 1
+        if k > 0:
+            y = tl.axpy(-_safe_div(beta, oldb), r1, y)
+        alfa = tl.dot(v, y)
+        y = tl.axpy(-_safe_div(alfa, beta), r2, y)
+        r1, r2 = r2, y
+        oldb, beta = beta, tl.norm(y)
+        oldeps = epsln
+        delta = cs * dbar + sn * alfa
+        gbar = sn * dbar - cs * alfa
+        epsln = sn * beta
+        dbar = -cs * beta
+        gamma = torch.clamp(torch.sqrt(gbar * gbar + beta * beta), min=eps)
+        cs, sn = gbar / gamma, beta / gamma
+        phi, phibar = cs * phibar, sn * phibar
+        w1, w2 = w2, w
+        w = tl.scale(1.0 / gamma, [vi - oldeps * a - delta * c for vi, a, c in zip(v, w1, w2)])
+        x = tl.axpy(phi, w, x)
+        converged = mon.check(k + 1, phibar, force=(k + 1 == maxiter))
+        if converged:
+            break
+    true_res = float(tl.norm(tl.sub(b, matvec(x))))
+    if not math.isfinite(true_res):
+        raise NonFiniteError("minres: NaN or Inf in the final iterate")
+    if true_res > max(10 * mon.threshold, 10 * mon.residual, 1e-8 * mon.r0):
+        raise BreakdownError(f"minres: recurrence residual {mon.residual:.3e} but true residual "
+                             f"{true_res:.3e}: the operator is not symmetric; use solver='gmres'")
+    return x, SolveInfo("minres", its + 1, true_res, true_res <= mon.threshold or converged)
+
+
+def solve_gmres(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: float = 1e-10, rtol: float = 0.0,
+                check_every=None, divergence_factor: float = 1e6, restart: int = 50, **_):
+    """Restarted GMRES(restart) for general (non-symmetric) A, with modified Gram-Schmidt Arnoldi.
+
+    The small least-squares problem is solved on the host only on check iterations.
+    """
+    x, r, its = _start(matvec, b, x0)
+    beta = tl.norm(r)
+    mon = _Monitor("gmres", b, beta, tol, rtol, check_every, divergence_factor)
+    converged = mon.done_at_start()
+    n = sum(t.numel() for t in b)
+    m = max(1, min(restart, n, maxiter))
+    done = 0
+    while not converged and done < maxiter:
+        if done > 0:  # restart: fresh residual
+            r = tl.sub(b, matvec(x))
+            its += 1
+            beta = tl.norm(r)
+        V = [tl.scale(_safe_div(torch.ones_like(beta), beta), r)]
+        H = torch.zeros(m + 1, m, dtype=beta.dtype, device=beta.device)
+        y = None
+        for j in range(min(m, maxiter - done)):
+            wv = matvec(V[j])
+            its += 1
+            done += 1
+            for i in range(j + 1):
+                h = tl.dot(V[i], wv)
+                H[i, j] = h
+                wv = tl.axpy(-h, V[i], wv)
+            hn = tl.norm(wv)
+            H[j + 1, j] = hn
+            V.append(tl.scale(_safe_div(torch.ones_like(hn), hn), wv))
+            last = j + 1 == m or done == maxiter
+            if last or (j + 1) % mon.every == 0:
+                y, res = _hessenberg_lstsq(H[: j + 2, : j + 1], beta)
+                converged = mon.check(done, res, force=True)
+                if converged or float(hn) == 0.0:
+                    break
+        if y is not None:
+            x = [xi + sum(y[i] * V[i][t] for i in range(y.numel())) for t, xi in enumerate(x)]
+    return x, SolveInfo("gmres", its, mon.residual, converged)
+
+
+def _hessenberg_lstsq(H: Tensor, beta: Tensor) -> Tuple[Tensor, Tensor]:
+    """argmin_y ||beta e1 - H y|| (host-side, rank-revealing) and its residual norm."""
+    Hc = H.detach().cpu() if not H.requires_grad else H
+    rhs = torch.zeros(H.shape[0], 1, dtype=H.dtype, device=Hc.device)
+    rhs[0, 0] = 1.0
+    rhs = rhs * (beta.cpu() if not H.requires_grad else beta)
+    if Hc.device.type == "cpu" and not H.requires_grad:
+        y = torch.linalg.lstsq(Hc, rhs, driver="gelsd").solution
+    else:
+        y = torch.linalg.pinv(Hc) @ rhs
+    res = torch.linalg.norm(rhs - Hc @ y)
+    return y[:, 0].to(H.device), res
+
+
+def solve_dense(matvec: MatVec, b, x0=None, *, tol: float = 1e-10, rtol: float = 0.0,
+                matmat: Optional[Callable[[Tensor], Tensor]] = None, **_):
+    """Materialize A (n products, or one batched product via ``matmat``) and solve by LU.
+
+    For small systems only (n up to a few thousand). Raises :class:`SingularSystemError` when A is
+    numerically singular. Differentiable when A was built with a graph (second order).
+    """
+    flat_b = tl.flatten(b)
+    n = flat_b.numel()
+    A = matmat(torch.eye(n, dtype=flat_b.dtype, device=flat_b.device)) if matmat is not None else None
+    if A is None:
+        cols = []
+        for i in range(n):
+            e = torch.zeros(n, dtype=flat_b.dtype, device=flat_b.device)
+            e[i] = 1.0
+            cols.append(tl.flatten(matvec(tl.unflatten(e, b))))
+        A = torch.stack(cols, dim=1)
+    if not bool(torch.isfinite(A).all()):
+        raise NonFiniteError("dense: the operator I - dPhi/dw^T contains NaN or Inf")
+    s = torch.linalg.svdvals(A.detach())
+    if float(s[-1]) <= float(s[0]) * n * torch.finfo(A.dtype).eps:
+        raise SingularSystemError(
+            f"dense: I - dPhi/dw is singular (smallest singular value {float(s[-1]):.3e}, largest "
+            f"{float(s[0]):.3e}); the hypergradient is not defined at this point")
+    x = torch.linalg.solve(A, flat_b)
+    res = float(torch.linalg.norm(A.detach() @ x.detach() - flat_b.detach()))
+    thresh = max(tol, rtol * float(torch.linalg.norm(flat_b)))
+    floor = 100 * torch.finfo(A.dtype).eps * (float(s[0]) * float(torch.linalg.norm(x.detach())) +
+                                              float(torch.linalg.norm(flat_b.detach())))
+    return tl.unflatten(x, b), SolveInfo("dense", n, res, res <= max(thresh, floor))
+
+
+def normal_equations(matvec: MatVec, rmatvec: MatVec, b) -> Tuple[MatVec, List[Tensor]]:
+    """(A^T A, A^T b): an SPD system with the solution of A x = b (condition number squared)."""
+    return (lambda u: rmatvec(matvec(u))), rmatvec(b)
+
+
+def solve_cg_normaleq(matvec: MatVec, b, x0=None, *, rmatvec: Optional[MatVec] = None, **kw):
+    """CG on the normal equations A^T A x = A^T b (any nonsingular A). ``residual`` is ||A^T(b - A x)||."""
+    if rmatvec is None:
+        raise ValueError("cg_normaleq needs rmatvec (products with A^T)")
+    nmv, nb = normal_equations(matvec, rmatvec, b)
+    x, info = solve_cg(nmv, nb, x0, **kw)
+    return x, SolveInfo("cg_normaleq", 2 * info.iterations, info.residual, info.converged)
+
+
+SOLVERS: Dict[str, Callable] = {
+    "fixed_point": solve_fixed_point,
+    "neumann": solve_neumann,
+    "cg": solve_cg,
+    "cg_normaleq": solve_cg_normaleq,
+    "minres": solve_minres,
+    "gmres": solve_gmres,
+    "dense": solve_dense,
+}

@@ -1,0 +1,153 @@
+"""Arithmetic and checks on lists of tensors (the ``params`` / ``hparams`` convention)."""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import NonFiniteError
+
+TensorList = List[Tensor]
+
+
+def dot(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
+    """<xs, ys> = sum_i <x_i, y_i>, a 0-d tensor on the tensors' device (no host sync)."""
+    total = torch.zeros((), dtype=xs[0].dtype, device=xs[0].device)
+    for x, y in zip(xs, ys):
+        total = total + torch.sum(x * y)
+    return total
+
+
+def norm(xs: Sequence[Tensor]) -> Tensor:
+    """Euclidean norm of the concatenation of ``xs`` (0-d tensor)."""
+    return torch.sqrt(dot(xs, xs))
+
+
+def axpy(a, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> TensorList:
+    """a * xs + ys (``a`` a float or 0-d tensor); returns new tensors."""
+    return [y + a * x for x, y in zip(xs, ys)]
+
+
+def sub(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> TensorList:
+    """xs - ys."""
+    return [x - y for x, y in zip(xs, ys)]
+
+
+def scale(a, xs: Sequence[Tensor]) -> TensorList:
+    """a * xs."""
+    return [a * x for x in xs]
+
+
+def zeros_like(xs: Sequence[Tensor]) -> TensorList:
+    return [torch.zeros_like(x) for x in xs]
+
+
+def flatten(xs: Sequence[Tensor]) -> Tensor:
+    """Concatenate a list of tensors into one vector."""
+    return torch.cat([x.reshape(-1) for x in xs])
+
+
+def unflatten(vec: Tensor, like: Sequence[Tensor]) -> TensorList:
+    """Split a vector into tensors shaped like ``like`` (inverse of :func:`flatten`)."""
+    out, i = [], 0
+    for t in like:
+        n = t.numel()
+        out.append(vec[i:i + n].reshape(t.shape))
+        i += n
+    return out
+
+
+def grad_or_zeros(outputs, inputs: Sequence[Tensor], grad_outputs=None, retain_graph: bool = True,
+                  create_graph: bool = False) -> TensorList:
+    """torch.autograd.grad with zeros for inputs the outputs do not depend on."""
+    grads = torch.autograd.grad(outputs, inputs, grad_outputs=grad_outputs, retain_graph=retain_graph,
+                                create_graph=create_graph, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
+
+
+def accumulate_grads(hparams: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+    """hparam.grad += grad for each pair, creating ``.grad`` where missing (like ``.backward()``)."""
+    for h, g in zip(hparams, grads):
+        h.grad = g.clone() if h.grad is None else h.grad + g
+
+
+def assert_finite(xs: Sequence[Tensor], what: str) -> None:
+    """Raise :class:`NonFiniteError` naming ``what`` if any entry is NaN or Inf (one host sync)."""
+    if not xs:
+        return
+    if not bool(torch.stack([torch.isfinite(x).all() for x in xs]).all()):
+        raise NonFiniteError(f"{what} contains NaN or Inf")
+
+
+def as_tensor_list(xs, name: str) -> TensorList:
+    """Accept a list/tuple of tensors (or one tensor) and return a list; reject anything else."""
+    if isinstance(xs, Tensor):
+        return [xs]
+    if not isinstance(xs, (list, tuple)):
+        raise TypeError(f"{name} must be a list of tensors, got {type(xs).__name__}")
+    for i, x in enumerate(xs):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(x).__name__}")
+    return list(xs)
+
+
+def check_hparams(hparams: Sequence[Tensor]) -> None:
+    """Every hparam must be a floating tensor with ``requires_grad=True``."""
+    if len(hparams) == 0:
+        raise ValueError("hparams is empty: pass the list of outer variables")
+    for i, h in enumerate(hparams):
+        if not h.is_floating_point():
+            raise TypeError(f"hparams[{i}] has dtype {h.dtype}; hypergradients need floating-point tensors")
+        if not h.requires_grad:
+            raise ValueError(f"hparams[{i}] (shape {tuple(h.shape)}) does not have requires_grad=True; "
+                             "call .requires_grad_() on every outer variable")
+
+
+def check_same_kind(tensors: Sequence[Tensor], names: Sequence[str]) -> None:
+    """All tensors share one floating dtype and one device; the error names the first mismatch."""
+    ref, ref_name = tensors[0], names[0]
+    for t, n in zip(tensors, names):
+        if not t.is_floating_point():
+            raise TypeError(f"{n} has dtype {t.dtype}; expected a floating-point tensor")
+        if t.dtype != ref.dtype:
+            raise TypeError(f"dtype mismatch: {n} is {t.dtype} but {ref_name} is {ref.dtype}")
+        if t.device != ref.device:
+            raise ValueError(f"device mismatch: {n} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def check_like(xs, like: Sequence[Tensor], what: str, like_name: str = "params") -> TensorList:
+    """``xs`` must be a list of tensors with the shapes of ``like``; returns it as a list."""
+    if isinstance(xs, Tensor) or not isinstance(xs, (list, tuple)):
+        raise TypeError(f"{what} must return/be a list of tensors (one per entry of {like_name}), "
+                        f"got {type(xs).__name__}")
+    if len(xs) != len(like):
+        raise ValueError(f"{what} has {len(xs)} tensors but {like_name} has {len(like)}")
+    for i, (x, w) in enumerate(zip(xs, like)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{what}[{i}] is {type(x).__name__}, expected a tensor")
+        if x.shape != w.shape:
+            raise ValueError(f"{what}[{i}] has shape {tuple(x.shape)} but {like_name}[{i}] has shape "
+                             f"{tuple(w.shape)}")
+    return list(xs)
+
+
+def scalar_loss(fn: Callable, params, hparams, name: str) -> Tensor:
+    """Call ``fn(params, hparams)`` and check it returns a finite scalar tensor."""
+    loss = fn(params, hparams)
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"{name} must return a scalar tensor, got {type(loss).__name__}")
+    if loss.numel() != 1:
+        raise ValueError(f"{name} must return a scalar, got a tensor of shape {tuple(loss.shape)}")
+    if not bool(torch.isfinite(loss).all()):
+        raise NonFiniteError(f"{name} returned {loss.item()}")
+    return loss.reshape(())
+
+
+def detached_leaves(params: Sequence[Tensor]) -> TensorList:
+    """Fresh leaves that share storage with ``params`` but never touch the caller's tensors' flags."""
+    return [p.detach().requires_grad_(True) for p in params]
+
+
+def maybe_clone(xs: Optional[Sequence[Tensor]]) -> Optional[TensorList]:
+    return None if xs is None else [x.detach().clone() for x in xs]
