@@ -123,31 +123,41 @@ def solve_cg(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: float = 1e-
              check_every=None, divergence_factor: float = 1e6, **_):
     """Conjugate gradient for symmetric positive definite A. Returns the *latest* iterate.
 
-    Breakdown (p^T A p = 0 with a nonzero residual: an indefinite or singular A) raises
-    :class:`BreakdownError` instead of returning NaN.
+    When the recurrence says it converged, the true residual b - A x is computed (one product); if it
+    is still above the tolerance, CG restarts from it while iterations remain, so ``residual`` is
+    always a true residual. Breakdown (p^T A p = 0 with a nonzero residual: an indefinite or singular
+    A) raises :class:`BreakdownError` instead of returning NaN.
     """
     x, r, its = _start(matvec, b, x0)
     rr = tl.dot(r, r)
     mon = _Monitor("cg", b, torch.sqrt(rr), tol, rtol, check_every, divergence_factor)
-    converged = mon.done_at_start()
-    p = r
-    broke = torch.zeros((), dtype=torch.bool, device=rr.device)
+    if mon.done_at_start():
+        return x, SolveInfo("cg", its, mon.residual, True)
     hint = "; the system may be indefinite or non-symmetric: try solver='minres' or 'gmres'"
-    for k in range(maxiter):
-        if converged:
-            break
+    broke = torch.zeros((), dtype=torch.bool, device=rr.device)
+    p, k, converged = r, 0, False
+    while k < maxiter:
         Ap = matvec(p)
-        its += 1
+        its, k = its + 1, k + 1
         pAp = tl.dot(p, Ap)
         broke = broke | ((pAp == 0) & (rr > 0))
         alpha = _safe_div(rr, pAp)
         x = tl.axpy(alpha, p, x)
         r = tl.axpy(-alpha, Ap, r)
         rr_new = tl.dot(r, r)
-        converged = mon.check(k + 1, torch.sqrt(rr_new), force=(k + 1 == maxiter), hint=hint)
-        if (k + 1) % mon.every == 0 and bool(broke):
-            raise BreakdownError(f"cg broke down at iteration {k + 1}: p^T A p = 0 with residual "
+        recurrence_done = mon.check(k, torch.sqrt(rr_new), force=(k == maxiter), hint=hint)
+        if k % mon.every == 0 and bool(broke):
+            raise BreakdownError(f"cg broke down at iteration {k}: p^T A p = 0 with residual "
                                  f"{mon.residual:.3e}{hint}")
+        if recurrence_done or k == maxiter:
+            r = tl.sub(b, matvec(x))  # confirm with the true residual
+            its += 1
+            rr_new = tl.dot(r, r)
+            converged = mon.check(k, torch.sqrt(rr_new), force=True, hint=hint)
+            if converged or k == maxiter:
+                break
+            p, rr = r, rr_new  # restart from the true residual
+            continue
         p = tl.axpy(_safe_div(rr_new, rr), p, r)
         rr = rr_new
     return x, SolveInfo("cg", its, mon.residual, converged)
@@ -172,11 +182,13 @@ def solve_minres(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: float =
     oldb, dbar, epsln, phibar = zero, zero, zero, beta
     cs, sn = -torch.ones_like(beta), zero
     w, w2 = tl.zeros_like(b), tl.zeros_like(b)
+    v, asym = None, zero  # Lanczos check: <v_{k-1}, A v_k> = beta_k holds only for symmetric A
     for k in range(maxiter):
-        v = tl.scale(_safe_div(torch.ones_like(beta), beta), y)
+        v_prev, v = v, tl.scale(_safe_div(torch.ones_like(beta), beta), y)
         y = matvec(v)
         its += 1
         if k > 0:
+            asym = torch.maximum(asym, (tl.dot(v_prev, y) - beta).abs() / (tl.norm(y) + beta))
             y = tl.axpy(-_safe_div(beta, oldb), r1, y)
         alfa = tl.dot(v, y)
         y = tl.axpy(-_safe_div(alfa, beta), r2, y)
@@ -194,6 +206,10 @@ def solve_minres(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: float =
         w = tl.scale(1.0 / gamma, [vi - oldeps * a - delta * c for vi, a, c in zip(v, w1, w2)])
         x = tl.axpy(phi, w, x)
         converged = mon.check(k + 1, phibar, force=(k + 1 == maxiter))
+        if (k + 1) % mon.every == 0 or converged or k + 1 == maxiter:
+            if float(asym) > 1e-6:
+                raise BreakdownError(f"minres needs a symmetric operator, but <u, A v> != <A u, v> (relative "
+                                     f"gap {float(asym):.1e} at iteration {k + 1}); use solver='gmres'")
         if converged:
             break
     true_res = float(tl.norm(tl.sub(b, matvec(x))))
@@ -250,6 +266,8 @@ def solve_gmres(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: float = 
 
 def _hessenberg_lstsq(H: Tensor, beta: Tensor) -> Tuple[Tensor, Tensor]:
     """argmin_y ||beta e1 - H y|| (host-side, rank-revealing) and its residual norm."""
+    if not bool(torch.isfinite(H).all()):
+        raise NonFiniteError("gmres: NaN or Inf in the Arnoldi basis (the operator produced NaN/Inf)")
     Hc = H.detach().cpu() if not H.requires_grad else H
     rhs = torch.zeros(H.shape[0], 1, dtype=H.dtype, device=Hc.device)
     rhs[0, 0] = 1.0
