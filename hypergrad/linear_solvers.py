@@ -41,8 +41,8 @@ class _Monitor:
             raise ValueError(f"tolerances must be >= 0, got tol={tol}, rtol={rtol}")
         self.name = name
         self.every = check_every or (1 if b[0].device.type == "cpu" else 10)
-        self.threshold = max(tol, rtol * float(tl.norm(b))) if rtol > 0 else tol
-        self.r0 = float(r0)
+        self.threshold = max(tol, rtol * float(tl.norm(b).detach())) if rtol > 0 else tol
+        self.r0 = float(r0.detach())
         if not math.isfinite(self.r0):
             raise NonFiniteError(f"{name}: the right-hand side or the starting point contains NaN or Inf")
         self.limit = divergence_factor * max(self.r0, self.threshold)
@@ -55,7 +55,7 @@ class _Monitor:
         """True when converged. Raises on NaN/Inf or divergence. Reads ``res`` only on check iterations."""
         if not force and it % self.every != 0:
             return False
-        r = float(res)
+        r = float(res.detach())
         self.residual = r
         if not math.isfinite(r):
             raise NonFiniteError(f"{self.name}: NaN or Inf in the iterates after {it} iterations{hint}")
@@ -188,7 +188,9 @@ def solve_minres(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: float =
         y = matvec(v)
         its += 1
         if k > 0:
-            asym = torch.maximum(asym, (tl.dot(v_prev, y) - beta).abs() / (tl.norm(y) + beta))
+            gap = (tl.dot(v_prev, y) - beta).abs() / (tl.norm(y) + beta)
+            informative = phibar > 1e-8 * mon.r0  # past convergence the Lanczos vectors are noise
+            asym = torch.maximum(asym, torch.where(informative, gap, zero))
             y = tl.axpy(-_safe_div(beta, oldb), r1, y)
         alfa = tl.dot(v, y)
         y = tl.axpy(-_safe_div(alfa, beta), r2, y)
@@ -207,12 +209,12 @@ def solve_minres(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: float =
         x = tl.axpy(phi, w, x)
         converged = mon.check(k + 1, phibar, force=(k + 1 == maxiter))
         if (k + 1) % mon.every == 0 or converged or k + 1 == maxiter:
-            if float(asym) > 1e-6:
+            if float(asym.detach()) > 1e-6:
                 raise BreakdownError(f"minres needs a symmetric operator, but <u, A v> != <A u, v> (relative "
                                      f"gap {float(asym):.1e} at iteration {k + 1}); use solver='gmres'")
         if converged:
             break
-    true_res = float(tl.norm(tl.sub(b, matvec(x))))
+    true_res = float(tl.norm(tl.sub(b, matvec(x))).detach())
     if not math.isfinite(true_res):
         raise NonFiniteError("minres: NaN or Inf in the final iterate")
     if true_res > max(10 * mon.threshold, 10 * mon.residual, 1e-8 * mon.r0):
@@ -257,7 +259,7 @@ def solve_gmres(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: float = 
             if last or (j + 1) % mon.every == 0:
                 y, res = _hessenberg_lstsq(H[: j + 2, : j + 1], beta)
                 converged = mon.check(done, res, force=True)
-                if converged or float(hn) == 0.0:
+                if converged or float(hn.detach()) == 0.0:
                     break
         if y is not None:
             x = [xi + sum(y[i] * V[i][t] for i in range(y.numel())) for t, xi in enumerate(x)]
@@ -306,7 +308,7 @@ def solve_dense(matvec: MatVec, b, x0=None, *, tol: float = 1e-10, rtol: float =
             f"{float(s[0]):.3e}); the hypergradient is not defined at this point")
     x = torch.linalg.solve(A, flat_b)
     res = float(torch.linalg.norm(A.detach() @ x.detach() - flat_b.detach()))
-    thresh = max(tol, rtol * float(torch.linalg.norm(flat_b)))
+    thresh = max(tol, rtol * float(torch.linalg.norm(flat_b.detach())))
     floor = 100 * torch.finfo(A.dtype).eps * (float(s[0]) * float(torch.linalg.norm(x.detach())) +
                                               float(torch.linalg.norm(flat_b.detach())))
     return tl.unflatten(x, b), SolveInfo("dense", n, res, res <= max(thresh, floor))
