@@ -18,10 +18,10 @@ demo: $(STAMP)
 	$(PY) examples/logistic_regression_hpo.py
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: $(STAMP)
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/bench_core.py
 
 clean:
 	rm -rf $(VENV)

@@ -96,8 +96,8 @@ def _prepare(params, hparams, outer_loss: OuterLoss, create_graph: bool):
                        [f"hparams[{i}]" for i in range(len(hparams))])
     params = tl.detached_leaves(params)
     loss = tl.scalar_loss(outer_loss, params, hparams, "outer_loss(params, hparams)")
-    g_w = tl.grad_or_zeros(loss, params, retain_graph=True, create_graph=create_graph)
-    g_h = tl.grad_or_zeros(loss, hparams, retain_graph=create_graph, create_graph=create_graph)
+    g = tl.grad_or_zeros(loss, params + hparams, retain_graph=create_graph, create_graph=create_graph)
+    g_w, g_h = g[:len(params)], g[len(params):]
     tl.assert_finite(g_w + g_h, "the gradient of outer_loss")
     return params, hparams, g_w, g_h
 

@@ -13,9 +13,9 @@ TensorList = List[Tensor]
 
 def dot(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
     """<xs, ys> = sum_i <x_i, y_i>, a 0-d tensor on the tensors' device (no host sync)."""
-    total = torch.zeros((), dtype=xs[0].dtype, device=xs[0].device)
-    for x, y in zip(xs, ys):
-        total = total + torch.sum(x * y)
+    total = torch.dot(xs[0].reshape(-1), ys[0].reshape(-1))
+    for x, y in zip(xs[1:], ys[1:]):
+        total = total + torch.dot(x.reshape(-1), y.reshape(-1))
     return total
 
 
@@ -25,7 +25,9 @@ def norm(xs: Sequence[Tensor]) -> Tensor:
 
 
 def axpy(a, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> TensorList:
-    """a * xs + ys (``a`` a float or 0-d tensor); returns new tensors."""
+    """a * xs + ys (``a`` a float or a 0-d tensor); returns new tensors."""
+    if isinstance(a, (int, float)):
+        return [torch.add(y, x, alpha=a) for x, y in zip(xs, ys)]
     return [y + a * x for x, y in zip(xs, ys)]
 
 
