@@ -1,0 +1,193 @@
+"""Primal-dual pairs from cvxpy (one problem) and cvxpylayers (batches), in the order of ``ineq``/``eq``.
+
+The Lagrangian is always  g + sum_c dual_c . c.expr  for ``expr <= 0`` (Inequality, NonPos) and
+``expr == 0`` (Equality, Zero) alike: cvxpy stores ``a <= b`` and ``b >= a`` both as expr = a - b, so the
+orientation is never parsed here. Each constraint's entries are flattened in C (row-major) order, like
+``torch.reshape(-1)``; the torch-side ``ineq``/``eq`` must list them in that order.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import cvxpy as cp
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import InnerSolveError, KKTError, ModelMismatchError
+from .kkt import KKTReport, analyze
+from .problem import ConstrainedProblem
+
+INEQ_TYPES = (cp.constraints.Inequality, cp.constraints.NonPos)
+EQ_TYPES = (cp.constraints.Equality, cp.constraints.Zero)
+DEFAULT_LAYER_ARGS: Dict[str, Any] = {"solve_method": "SCS", "eps": 1e-10, "max_iters": 200_000}
+
+
+@dataclass
+class CvxpySolution:
+    """``params`` (one tensor per cvxpy variable), ``mu``/``nu`` (duals of ``ineq``/``eq``, flattened,
+    None without such constraints), the cvxpy ``status`` and ``value``, and the KKT ``report`` of the
+    torch-side problem at this solution (None when no torch problem was given)."""
+    params: List[Tensor]
+    mu: Optional[Tensor]
+    nu: Optional[Tensor]
+    status: str
+    value: float
+    report: Optional[KKTReport]
+
+
+def split_constraints(problem: cp.Problem, ineq=None, eq=None) -> Tuple[list, list]:
+    """The (ineq, eq) constraint lists: as given, or the problem's constraints by type, in order.
+
+    Every constraint of ``problem`` must appear exactly once (otherwise the Lagrangian misses a term).
+    """
+    if ineq is None and eq is None:
+        ineq = [c for c in problem.constraints if isinstance(c, INEQ_TYPES)]
+        eq = [c for c in problem.constraints if isinstance(c, EQ_TYPES)]
+    ineq, eq = list(ineq or []), list(eq or [])
+    for c in ineq:
+        if not isinstance(c, INEQ_TYPES):
+            raise TypeError(f"ineq constraint {c} is a {type(c).__name__}; only `expr <= 0` constraints "
+                            "(Inequality, NonPos) are supported: write `a >= b` as `b <= a`")
+    for c in eq:
+        if not isinstance(c, EQ_TYPES):
+            raise TypeError(f"eq constraint {c} is a {type(c).__name__}; only Equality/Zero are supported")
+    ids = [c.id for c in ineq + eq]
+    if len(set(ids)) != len(ids):
+        raise ValueError("a constraint appears more than once in ineq/eq")
+    own = {c.id for c in problem.constraints}
+    missing = [str(c) for c in problem.constraints if c.id not in set(ids)]
+    foreign = [str(c) for c in ineq + eq if c.id not in own]
+    if missing or foreign:
+        raise ValueError(f"ineq + eq must list each constraint of the problem once: missing {missing[:3]}, "
+                         f"not in the problem {foreign[:3]} (SOC/PSD/NonNeg constraints are not supported)")
+    return ineq, eq
+
+
+def _flat(arrays: Sequence[Any], dtype, device) -> Optional[Tensor]:
+    if not arrays:
+        return None
+    return torch.cat([torch.as_tensor(np.asarray(a, dtype=np.float64).reshape(-1), dtype=dtype, device=device)
+                      for a in arrays])
+
+
+def _set_parameters(parameters: Sequence[cp.Parameter], values: Sequence[Tensor]) -> None:
+    if len(parameters) != len(values):
+        raise ValueError(f"{len(parameters)} cvxpy parameters but {len(values)} values")
+    for i, (par, val) in enumerate(zip(parameters, values)):
+        if not isinstance(val, Tensor):
+            raise TypeError(f"values[{i}] must be a torch tensor, got {type(val).__name__}")
+        if tuple(val.shape) != tuple(par.shape):
+            raise ValueError(f"values[{i}] has shape {tuple(val.shape)} but parameter {par.name()} has shape "
+                             f"{tuple(par.shape)}")
+        par.value = val.detach().cpu().double().numpy()
+
+
+def solve_cvxpy(problem: cp.Problem, parameters: Sequence[cp.Parameter], values: Sequence[Tensor],
+                variables: Sequence[cp.Variable], *, ineq=None, eq=None,
+                torch_problem: Optional[ConstrainedProblem] = None, hparams: Optional[Sequence[Tensor]] = None,
+                check_tol: float = 1e-5, solver: Optional[str] = "CLARABEL", **solve_kwargs) -> CvxpySolution:
+    """Solve ``problem`` with ``parameters`` set to ``values``; return the primal solution and the duals.
+
+    Raises :class:`InnerSolveError` (with ``.status``) unless cvxpy reports an optimal solution.
+    With ``torch_problem``, checks it against the cvxpy solution at ``hparams`` (default: ``values``):
+    its ``ineq``/``eq`` must equal the cvxpy constraints' ``expr`` values, and (y, mu, nu) must be a KKT
+    point of it to relative tolerance ``check_tol``; a disagreement raises :class:`ModelMismatchError`.
+    """
+    ineq, eq = split_constraints(problem, ineq, eq)
+    _set_parameters(parameters, values)
+    ref = values[0] if values else None
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float64
+    device = ref.device if ref is not None else torch.device("cpu")
+    try:
+        problem.solve(solver=solver, **solve_kwargs)
+    except cp.error.SolverError as e:
+        raise InnerSolveError(f"cvxpy's solver failed: {e}", "solver_error") from e
+    status = problem.status
+    if status not in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE):
+        raise InnerSolveError(f"the inner problem has status {status!r} (no solution to differentiate)", status)
+    if status == cp.OPTIMAL_INACCURATE:
+        warnings.warn("cvxpy returned 'optimal_inaccurate'; the KKT check decides whether it is usable",
+                      RuntimeWarning, stacklevel=2)
+    params = [torch.as_tensor(np.asarray(v.value, dtype=np.float64), dtype=dtype, device=device).reshape(v.shape)
+              for v in variables]
+    mu = _flat([c.dual_value for c in ineq], dtype, device)
+    nu = _flat([c.dual_value for c in eq], dtype, device)
+    report = None
+    if torch_problem is not None:
+        p_cvx = _flat([c.expr.value for c in ineq], dtype, device)
+        q_cvx = _flat([c.expr.value for c in eq], dtype, device)
+        report = check_against_cvxpy(torch_problem, params, list(values if hparams is None else hparams),
+                                     mu, nu, p_cvx, q_cvx, check_tol)
+    return CvxpySolution(params, mu, nu, status, float(problem.value), report)
+
+
+def check_against_cvxpy(torch_problem: ConstrainedProblem, params, hparams, mu, nu, p_cvx, q_cvx,
+                        tol: float) -> KKTReport:
+    """The torch constraints must equal cvxpy's ``expr`` values and (params, mu, nu) must be its KKT point."""
+    with torch.no_grad():
+        x = [h.detach() for h in hparams]
+        for name, fn, cvx in (("ineq", torch_problem.p, p_cvx), ("eq", torch_problem.q, q_cvx)):
+            mine = fn(params, x)
+            n_mine, n_cvx = (0 if mine is None else mine.numel()), (0 if cvx is None else cvx.numel())
+            if n_mine != n_cvx:
+                raise ModelMismatchError(f"torch {name} has {n_mine} entries but the cvxpy {name} constraints "
+                                         f"have {n_cvx}")
+            if n_mine:
+                gap = (mine - cvx).abs()
+                if float(gap.max()) > tol * max(1.0, float(cvx.abs().max())):
+                    i = int(gap.argmax())
+                    raise ModelMismatchError(
+                        f"torch {name}[{i}] = {float(mine[i]):.6g} but the cvxpy constraint's expr = "
+                        f"{float(cvx[i]):.6g} at the cvxpy solution: check the sign (p <= 0), the order of "
+                        "the constraints and their C-order flattening")
+    try:
+        report, _, _ = analyze(torch_problem, params, hparams, mu, nu, kkt_tol=tol, warn=False)
+    except KKTError as e:
+        raise ModelMismatchError(f"the cvxpy solution is not a KKT point of the torch problem ({e}); the "
+                                 "objectives disagree, or the cvxpy solve is inaccurate (tighten its tolerances)"
+                                 ) from e
+    return report
+
+
+@dataclass
+class LayerSolution:
+    """``params`` (batch + variable shape each), ``mu`` (batch + (m,)), ``nu`` (batch + (k,)), all
+    differentiable through cvxpylayers' own derivative (the reference)."""
+    params: List[Tensor]
+    mu: Optional[Tensor]
+    nu: Optional[Tensor]
+
+
+class DualLayer:
+    """A ``CvxpyLayer`` returning the primal variables and the duals of ``ineq``/``eq`` (cvxpylayers >= 1.2
+    returns a constraint's dual when given ``constraint.dual_variables[0]``). Solver arguments default to
+    SCS at eps = 1e-10."""
+
+    def __init__(self, problem: cp.Problem, parameters: Sequence[cp.Parameter], variables: Sequence[cp.Variable],
+                 *, ineq=None, eq=None, solver_args: Optional[Dict[str, Any]] = None):
+        from cvxpylayers.torch import CvxpyLayer
+
+        self.ineq, self.eq = split_constraints(problem, ineq, eq)
+        self.variables = list(variables)
+        duals = [c.dual_variables[0] for c in self.ineq + self.eq]
+        self.layer = CvxpyLayer(problem, parameters=list(parameters), variables=self.variables + duals,
+                                solver_args=dict(DEFAULT_LAYER_ARGS if solver_args is None else solver_args))
+
+    def __call__(self, *values: Tensor, solver_args: Optional[Dict[str, Any]] = None) -> LayerSolution:
+        try:
+            out = self.layer(*values, solver_args=solver_args)
+        except Exception as e:  # diffcp/cvxpy raise their own SolverError types
+            if "SolverError" not in type(e).__name__:
+                raise
+            status = next((s for s in ("infeasible", "unbounded") if s in str(e).lower()), "solver_error")
+            raise InnerSolveError(f"cvxpylayers' solve failed: {e}", status) from e
+        nv = len(self.variables)
+        batch = tuple(out[0].shape[:out[0].dim() - len(self.variables[0].shape)])
+
+        def cat(parts):
+            return torch.cat([t.reshape(*batch, -1) for t in parts], dim=-1) if parts else None
+
+        return LayerSolution(list(out[:nv]), cat(out[nv:nv + len(self.ineq)]), cat(out[nv + len(self.ineq):]))

@@ -1,0 +1,43 @@
+"""Exceptions and warnings of the constrained layer. Each names the constraint(s) or status at fault."""
+from __future__ import annotations
+
+from typing import Optional
+
+
+class ConstrainedError(RuntimeError):
+    """Base class of the failures the constrained layer detects."""
+
+
+class InnerSolveError(ConstrainedError):
+    """The inner solver did not return a solution (infeasible, unbounded, failed); ``status`` says which."""
+
+    def __init__(self, message: str, status: Optional[str]):
+        super().__init__(message)
+        self.status = status
+
+
+class KKTError(ConstrainedError):
+    """The given primal-dual pair is not a KKT point (stationarity, feasibility, sign of the multipliers
+    or complementarity fails beyond the tolerance), so the implicit function theorem does not apply."""
+
+
+class DegenerateConstraintError(KKTError):
+    """A constraint has multiplier and slack both ~0 (strict complementarity fails) and the policy is
+    ``degenerate="error"``: the solution map has only one-sided derivatives there."""
+
+
+class ModelMismatchError(ConstrainedError):
+    """The torch definition of the inner problem disagrees with the cvxpy model it is checked against."""
+
+
+class DegenerateConstraintWarning(UserWarning):
+    """Degenerate constraints were found and handled by the ``degenerate=`` policy (a one-sided derivative)."""
+
+
+class LICQWarning(UserWarning):
+    """The gradients of the active and equality constraints are linearly dependent (LICQ fails): the
+    multipliers are not unique, the KKT matrix is singular; the primal part of the derivative still is."""
+
+
+class NotConvergedWarning(UserWarning):
+    """The iterative solve for the adjoint stopped at its iteration limit above the tolerance."""

@@ -1,0 +1,106 @@
+"""Hypergradients through a constrained inner problem, by the core's solvers on the KKT map.
+
+With w = [y, mu_A, nu] and Phi = w - eta grad_w L (see :mod:`constrained.kkt`), the core solves
+eta K v = grad_w E and returns grad_x E + (d_x Phi)^T v = grad_x E - (d_x grad_w L)^T K^-1 grad_w E.
+For a QP lower level (g = 1/2 y'Qy + (c + Bx)'y, p = Gy - h - Ex, q = Ay - b - Fx) this is
+grad_x E - B'v_y + E_A'v_mu + F'v_nu with K v = grad_w E.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+import hypergrad
+
+from .errors import NotConvergedWarning
+from .kkt import KKTMap, KKTReport, kkt_map
+from .problem import ConstrainedProblem
+
+SOLVERS = ("auto", "dense", "minres", "cg", "cg_normaleq")
+
+
+@dataclass
+class ConstrainedResult:
+    """``grads`` (one per hparam), the adjoint ``v`` (w-shaped), the KKT ``report``, the solver used,
+    its ``iterations``, final ``residual`` and ``converged`` flag."""
+    grads: List[Tensor]
+    v: List[Tensor]
+    report: KKTReport
+    solver: str
+    iterations: int
+    residual: float
+    converged: bool
+
+
+def pick_solver(solver: str, n: int, licq: bool, dense_max: int) -> str:
+    """"auto": a dense solve up to ``dense_max`` unknowns, MINRES above or when LICQ fails (K singular)."""
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS} (the KKT system is symmetric "
+                         "indefinite, so fixed-point and Neumann iterations diverge)")
+    if solver != "auto":
+        return solver
+    return "dense" if (n <= dense_max and licq) else "minres"
+
+
+def solve_adjoint(w: List[Tensor], hparams: Sequence[Tensor], fp_map, loss_w, solver: str, *, K: Optional[int],
+                  tol: float, rtol: float, v0, set_grad: bool) -> hypergrad.HypergradResult:
+    """One call to the core; ``K`` defaults to 10 x (number of unknowns) + 100 Krylov iterations; ``v0``
+    is used only when its shapes match ``w``. Warns when the solve stopped above the tolerance."""
+    n = sum(t.numel() for t in w)
+    if K is None:
+        K = 10 * n + 100
+    if v0 is not None and (len(v0) != len(w) or any(a.shape != b.shape for a, b in zip(v0, w))):
+        v0 = None  # the active set changed since the warm start was computed
+    res = hypergrad.hypergradient(w, list(hparams), fp_map, loss_w, solver=solver, K=K, tol=tol, rtol=rtol,
+                                  v0=v0, set_grad=set_grad)
+    if not res.converged:
+        warnings.warn(f"{solver} stopped after {res.iterations} iterations with residual {res.residual:.3e} "
+                      f"above the tolerance; raise K or loosen tol/rtol", NotConvergedWarning, stacklevel=3)
+    return res
+
+
+def _loss_in_w(km: KKTMap, outer_loss: Callable, with_multipliers: bool):
+    """The outer loss as a function of w: E(params) or E(params, mu, nu) with the inactive mu constant."""
+
+    def loss_w(w, hparams):
+        y, mu_a, nu = km.unpack(w)
+        if not with_multipliers:
+            return outer_loss(y, hparams)
+        return outer_loss(y, hparams, km.full_mu(mu_a), nu)
+
+    return loss_w
+
+
+def hypergradient(problem: ConstrainedProblem, params: Sequence[Tensor], hparams: Sequence[Tensor],
+                  outer_loss: Callable, mu: Optional[Tensor] = None, nu: Optional[Tensor] = None,
+                  solver: str = "auto", *, K: Optional[int] = None, tol: float = 0.0, rtol: float = 1e-11,
+                  eta: float = 1.0, degenerate: str = "drop", with_multipliers: bool = False,
+                  set_grad: bool = True, v0: Optional[Sequence[Tensor]] = None, dense_max: int = 1500,
+                  active_rtol: float = 1e-6, active_atol: float = 1e-12,
+                  kkt_tol: Optional[float] = 1e-5) -> ConstrainedResult:
+    """Hypergradient of ``outer_loss(params, hparams)`` through  params = argmin g s.t. p <= 0, q = 0.
+
+    Args:
+        problem: the inner problem; ``params`` (with ``mu``, ``nu``) must be its KKT point at ``hparams``.
+        mu: one multiplier per entry of ``problem.ineq`` (all of them); nu: one per entry of ``problem.eq``.
+        solver: "auto" (dense up to ``dense_max`` unknowns, else MINRES), "dense", "minres", "cg",
+            "cg_normaleq". CG may break down on the indefinite KKT matrix: it then raises, never NaN.
+        K, tol, rtol: iteration limit and stopping rule max(tol, rtol ||grad_w E||) of the Krylov solve.
+        with_multipliers: call ``outer_loss(params, hparams, mu, nu)`` with the full-length multipliers
+            (differentiated through the active ones; the inactive ones are constants: locally zero).
+        degenerate, active_rtol, active_atol, kkt_tol, eta: see :func:`constrained.kkt_map`.
+        set_grad: add the result to ``hparam.grad``.
+    """
+    if solver not in SOLVERS:
+        pick_solver(solver, 0, True, 0)  # raises the error naming the choices
+    km = kkt_map(problem, params, hparams, mu, nu, eta=eta, degenerate=degenerate, rtol=active_rtol,
+                 atol=active_atol, kkt_tol=kkt_tol)
+    n = sum(t.numel() for t in km.w)
+    name = pick_solver(solver, n, km.report.licq, dense_max)
+    res = solve_adjoint(km.w, hparams, km.fp_map, _loss_in_w(km, outer_loss, with_multipliers), name, K=K,
+                        tol=tol, rtol=rtol, v0=v0, set_grad=set_grad)
+    return ConstrainedResult(res.grads, res.v, km.report, res.solver, res.iterations, res.residual, res.converged)

@@ -1,0 +1,277 @@
+"""KKT analysis of a primal-dual pair and the KKT fixed-point map (Xu & Zhu, AAAI 2023).
+
+At a KKT point of  min_y g  s.t.  p <= 0, q = 0  with  L = g + mu^T p + nu^T q:
+grad_y L = 0, p <= 0, q = 0, mu >= 0, mu_i p_i = 0. With the active set A (mu_i > 0 = p_i) the map over
+w = [y, mu_A, nu]
+
+    Phi(w, x) = w - eta grad_w L(w, x)      (grad_{mu_A} L = p_A, grad_nu L = q)
+
+has w* as a fixed point and  I - d_w Phi = eta K,  K = [[H, J_A^T, J_q^T], [J_A, 0, 0], [J_q, 0, 0]]
+(H = grad^2_yy L): symmetric and indefinite. eta cancels from the hypergradient.
+
+Classification is two-sided and scale-aware. Each inequality gets a *force* mu_i ||grad_y p_i|| (its
+share of the stationarity balance, compared with the force scale F = max(||grad_y g||, ||J_p^T mu||,
+||J_q^T nu||, max force)) and a *distance* -p_i / ||grad_y p_i|| (to its boundary in y-space, compared
+with D = max(||y||_inf, median distance)). With tau_mu = rtol F + atol and tau_s = rtol D + atol:
+active (force > tau_mu, |distance| <= tau_s), inactive (|force| <= tau_mu, distance > tau_s),
+degenerate (both <= tau), and inconsistent (both large, a negative multiplier, a violated constraint):
+an error, since then the pair is not a KKT point.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from hypergrad import tensor_list as tl
+
+from .errors import DegenerateConstraintError, DegenerateConstraintWarning, KKTError, LICQWarning
+from .problem import ConstrainedProblem
+
+POLICIES = ("drop", "keep", "error")
+
+
+@dataclass
+class KKTReport:
+    """Active-set classification and KKT residuals at a primal-dual pair.
+
+    ``active``/``inactive``/``degenerate``: indices into the inequalities (after the policy, a
+    degenerate index is also in ``active`` ("keep") or ``inactive`` ("drop")). Residuals are absolute
+    except ``stationarity_rel`` = ||grad_y L|| / (||grad_y g|| + ||J_p^T mu|| + ||J_q^T nu||).
+    """
+    n_ineq: int
+    n_eq: int
+    active: Tensor
+    inactive: Tensor
+    degenerate: Tensor
+    policy: str
+    licq: bool
+    rank: int
+    stationarity: float
+    stationarity_rel: float
+    primal_feasibility: float
+    complementarity: float
+    dual_feasibility: float
+    tau_mu: float
+    tau_slack: float
+    notes: List[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (f"{len(self.active)}/{self.n_ineq} active inequalities, {self.n_eq} equalities, "
+                f"{len(self.degenerate)} degenerate ({self.policy}), LICQ {'holds' if self.licq else 'FAILS'}; "
+                f"stationarity {self.stationarity:.2e} (rel {self.stationarity_rel:.2e}), feasibility "
+                f"{self.primal_feasibility:.2e}, complementarity {self.complementarity:.2e}")
+
+
+@dataclass
+class KKTMap:
+    """The fixed-point map ``fp_map(w, hparams)``, its fixed point ``w = params + [mu_A] + [nu]`` and the
+    ``report``. ``unpack(w)`` splits a w-shaped list into (params, mu_A or None, nu or None)."""
+    fp_map: Callable[[List[Tensor], List[Tensor]], List[Tensor]]
+    w: List[Tensor]
+    report: KKTReport
+    n_params: int
+    mu: Optional[Tensor]  # the given multipliers (all of them), detached
+
+    def unpack(self, w: Sequence[Tensor]) -> Tuple[List[Tensor], Optional[Tensor], Optional[Tensor]]:
+        w = list(w)
+        i = self.n_params
+        mu_a = w[i] if len(self.report.active) > 0 else None
+        nu = w[-1] if self.report.n_eq > 0 else None
+        return w[:i], mu_a, nu
+
+    def full_mu(self, mu_active: Optional[Tensor]) -> Optional[Tensor]:
+        """All multipliers: the given (constant) values, with the active ones taken from ``mu_active``."""
+        if self.mu is None:
+            return None
+        if mu_active is None:
+            return self.mu
+        return self.mu.index_put((self.report.active,), mu_active)
+
+
+def jacobian(out: Optional[Tensor], inputs: Sequence[Tensor]) -> Tensor:
+    """d out / d inputs as a (len(out), total numel) matrix (one batched VJP; rows loop as fallback)."""
+    n = sum(t.numel() for t in inputs)
+    ref = inputs[0]
+    if out is None or out.numel() == 0:
+        return torch.zeros(0, n, dtype=ref.dtype, device=ref.device)
+    if not out.requires_grad:
+        return torch.zeros(out.numel(), n, dtype=ref.dtype, device=ref.device)
+    eye = torch.eye(out.numel(), dtype=out.dtype, device=out.device)
+    try:
+        rows = torch.autograd.grad(out, list(inputs), grad_outputs=eye, retain_graph=True,
+                                   allow_unused=True, is_grads_batched=True)
+        rows = [torch.zeros(out.numel(), *t.shape, dtype=t.dtype, device=t.device) if r is None else r
+                for r, t in zip(rows, inputs)]
+        return torch.cat([r.reshape(out.numel(), -1) for r in rows], dim=1)
+    except RuntimeError:  # an op without a batching rule: one VJP per row
+        return torch.stack([tl.flatten(tl.grad_or_zeros(out, list(inputs), grad_outputs=e)) for e in eye])
+
+
+def _check_multipliers(name: str, given: Optional[Tensor], count: int, like: Tensor, what: str) -> Optional[Tensor]:
+    """A detached copy of ``given`` checked against the number of constraints (None when count == 0)."""
+    if count == 0:
+        if given is not None and given.numel() > 0:
+            raise ValueError(f"{name} has {given.numel()} entries but the problem has no {what} constraints")
+        return None
+    if given is None:
+        raise ValueError(f"the problem has {count} {what} constraints: pass {name} with one multiplier each")
+    if not isinstance(given, Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(given).__name__}")
+    if given.shape != (count,):
+        raise ValueError(f"{name} has shape {tuple(given.shape)} but the problem has {count} {what} "
+                         f"constraints: expected ({count},)")
+    if given.dtype != like.dtype or given.device != like.device:
+        raise TypeError(f"{name} is {given.dtype} on {given.device} but params are {like.dtype} on {like.device}")
+    if not bool(torch.isfinite(given).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+    return given.detach().clone()
+
+
+def _list_bad(mask: Tensor, values: Tensor, label: str) -> str:
+    idx = torch.nonzero(mask).flatten().tolist()
+    shown = ", ".join(f"{i} ({float(values[i]):.3e})" for i in idx[:8])
+    return f"{label} at {len(idx)} constraint(s): {shown}{' ...' if len(idx) > 8 else ''}"
+
+
+def analyze(problem: ConstrainedProblem, params: Sequence[Tensor], hparams: Sequence[Tensor],
+            mu: Optional[Tensor] = None, nu: Optional[Tensor] = None, *, degenerate: str = "drop",
+            rtol: float = 1e-6, atol: float = 1e-12, kkt_tol: Optional[float] = 1e-5,
+            warn: bool = True) -> Tuple[KKTReport, Optional[Tensor], Optional[Tensor]]:
+    """Classify the inequalities and measure the KKT residuals at (params, mu, nu) for given hparams.
+
+    Returns the report and detached copies of mu and nu. Raises :class:`KKTError` when the pair is not
+    a KKT point (relative stationarity residual above ``kkt_tol``, a violated constraint, a negative
+    multiplier, or a constraint with multiplier and slack both large), and
+    :class:`DegenerateConstraintError` for degenerate constraints under ``degenerate="error"``.
+    """
+    if degenerate not in POLICIES:
+        raise ValueError(f"degenerate must be one of {POLICIES}, got {degenerate!r}")
+    if not (rtol >= 0 and atol >= 0):
+        raise ValueError(f"rtol and atol must be >= 0, got {rtol}, {atol}")
+    params = tl.as_tensor_list(params, "params")
+    hparams = tl.as_tensor_list(hparams, "hparams")
+    if len(params) == 0:
+        raise ValueError("params is empty: pass the list of inner variables")
+    tl.check_same_kind(params, [f"params[{i}]" for i in range(len(params))])
+    with torch.enable_grad():
+        y = [t.detach().requires_grad_(True) for t in params]
+        x = [h.detach() for h in hparams]
+        g = problem.value(y, x)
+        p, q = problem.p(y, x), problem.q(y, x)
+        m, k = (0 if p is None else p.numel()), (0 if q is None else q.numel())
+        mu = _check_multipliers("mu", mu, m, y[0], "inequality")
+        nu = _check_multipliers("nu", nu, k, y[0], "equality")
+        grad_g = tl.flatten(tl.grad_or_zeros(g, y))
+        Jp, Jq = jacobian(p, y), jacobian(q, y)
+    p = None if p is None else p.detach()
+    q = None if q is None else q.detach()
+    dt = y[0].dtype
+    y_flat = tl.flatten([t.detach() for t in y])
+    zero = torch.zeros(0, dtype=dt, device=y_flat.device)
+    mu_v, nu_v, p_v, q_v = (zero if t is None else t for t in (mu, nu, p, q))
+
+    # residuals
+    Jp_mu, Jq_nu = Jp.T @ mu_v, Jq.T @ nu_v
+    r = grad_g + Jp_mu + Jq_nu
+    stat = float(torch.linalg.norm(r))
+    terms = float(torch.linalg.norm(grad_g) + torch.linalg.norm(Jp_mu) + torch.linalg.norm(Jq_nu))
+    stat_rel = stat / terms if terms > 0 else stat
+    feas = max(float(p_v.clamp(min=0).max()) if m else 0.0, float(q_v.abs().max()) if k else 0.0)
+    comp = float((mu_v * p_v).abs().max()) if m else 0.0
+    dual = float((-mu_v).clamp(min=0).max()) if m else 0.0
+
+    # scale-aware thresholds
+    gp = torch.linalg.norm(Jp, dim=1)
+    gp_safe = torch.where(gp > 0, gp, torch.ones_like(gp))
+    force, dist = mu_v * gp, -p_v / gp_safe
+    F = max(float(torch.linalg.norm(grad_g)), float(torch.linalg.norm(Jp_mu)), float(torch.linalg.norm(Jq_nu)),
+            float(force.abs().max()) if m else 0.0)
+    D = max(float(y_flat.abs().max()) if y_flat.numel() else 0.0, float(dist.abs().median()) if m else 0.0)
+    tau_mu, tau_s = rtol * F + atol, rtol * D + atol
+
+    problems = []
+    if kkt_tol is not None and stat_rel > kkt_tol and stat > atol:
+        problems.append(f"stationarity: ||grad_y L|| = {stat:.3e}, relative {stat_rel:.3e} > kkt_tol={kkt_tol:g} "
+                        "(is the inner problem solved accurately, and do mu/nu follow L = g + mu^T p + nu^T q?)")
+    small_f, small_d = force.abs() <= tau_mu, dist.abs() <= tau_s
+    for bad, vals, label in ((force < -tau_mu, mu_v, "negative multiplier mu_i"),
+                             (dist < -tau_s, p_v, "violated inequality p_i > 0"),
+                             ((force > tau_mu) & (dist > tau_s), mu_v * p_v,
+                              "complementarity fails (mu_i and -p_i both large; mu_i p_i shown)")):
+        if bool(bad.any()):
+            problems.append(_list_bad(bad, vals, label))
+    if k:
+        gq = torch.linalg.norm(Jq, dim=1)
+        qdist = q_v.abs() / torch.where(gq > 0, gq, torch.ones_like(gq))
+        if bool((qdist > tau_s).any()):
+            problems.append(_list_bad(qdist > tau_s, q_v, "violated equality q_i != 0"))
+    if problems:
+        raise KKTError("not a KKT point: " + "; ".join(problems) +
+                       f" [thresholds: multiplier force {tau_mu:.2e}, slack distance {tau_s:.2e}]")
+
+    degen = small_f & small_d
+    active = (force > tau_mu) & small_d
+    degen_idx = torch.nonzero(degen).flatten()
+    notes = []
+    if len(degen_idx) > 0:
+        msg = (f"{len(degen_idx)} degenerate constraint(s) (mu_i ~ 0 and p_i ~ 0: strict complementarity fails) "
+               f"at indices {degen_idx.tolist()[:10]}; the derivative is one-sided there")
+        if degenerate == "error":
+            raise DegenerateConstraintError(msg + "; pass degenerate='drop' or 'keep' to choose a side")
+        if degenerate == "keep":
+            active = active | degen
+        notes.append(msg + f"; policy {degenerate!r}: treated as {'active' if degenerate == 'keep' else 'inactive'}")
+        if warn:
+            warnings.warn(notes[-1], DegenerateConstraintWarning, stacklevel=3)
+    active_idx = torch.nonzero(active).flatten()
+    inactive_idx = torch.nonzero(~active).flatten()
+
+    J = torch.cat([Jp[active_idx], Jq], dim=0)
+    rank = int(torch.linalg.matrix_rank(J)) if J.shape[0] > 0 else 0
+    licq = rank == J.shape[0]
+    if not licq:
+        notes.append(f"LICQ fails: {J.shape[0]} active/equality constraints but their gradients have rank {rank}; "
+                     "the multipliers are not unique (the KKT matrix is singular): use solver='minres'")
+        if warn:
+            warnings.warn(notes[-1], LICQWarning, stacklevel=3)
+    report = KKTReport(m, k, active_idx, inactive_idx, degen_idx, degenerate, licq, rank, stat, stat_rel, feas,
+                       comp, dual, tau_mu, tau_s, notes)
+    return report, mu, nu
+
+
+def kkt_map(problem: ConstrainedProblem, params: Sequence[Tensor], hparams: Sequence[Tensor],
+            mu: Optional[Tensor] = None, nu: Optional[Tensor] = None, *, eta: float = 1.0,
+            degenerate: str = "drop", rtol: float = 1e-6, atol: float = 1e-12,
+            kkt_tol: Optional[float] = 1e-5) -> KKTMap:
+    """The KKT fixed-point map Phi(w, x) = w - eta grad_w L(w, x) over w = params + [mu_A] + [nu].
+
+    ``mu`` holds one multiplier per entry of ``problem.ineq`` (all of them; the inactive ones are
+    dropped here), ``nu`` one per entry of ``problem.eq``. See :func:`analyze` for the classification,
+    the ``degenerate`` policy and the errors. ``w`` holds fresh copies (the caller's tensors are untouched).
+    """
+    if not (isinstance(eta, (int, float)) and eta > 0):
+        raise ValueError(f"eta must be a positive scalar (only a scalar keeps I - dPhi/dw symmetric), got {eta!r}")
+    report, mu, nu = analyze(problem, params, hparams, mu, nu, degenerate=degenerate, rtol=rtol, atol=atol,
+                             kkt_tol=kkt_tol)
+    w = [t.detach().clone() for t in params]
+    if len(report.active) > 0:
+        w.append(mu[report.active].clone())
+    if nu is not None:
+        w.append(nu.clone())
+    km = KKTMap(None, w, report, len(params), mu)
+    index = report.active
+
+    def fp_map(w_: List[Tensor], hparams_: List[Tensor]) -> List[Tensor]:
+        with torch.enable_grad():
+            wg = [t if t.requires_grad else t.detach().requires_grad_(True) for t in w_]
+            y, mu_a, nu_ = km.unpack(wg)
+            L = problem.lagrangian(y, hparams_, mu_a, nu_, index=index)
+            grads = tl.grad_or_zeros(L, wg, create_graph=True)
+        return [t - eta * gr for t, gr in zip(wg, grads)]
+
+    km.fp_map = fp_map
+    return km
