@@ -1,0 +1,22 @@
+"""Whole bilevel solvers over the core's interface: Implicit, Dynamic (RAD, T-RAD, BDA, IAPTT-GM), BVFIM.
+
+Each algorithm is a function of ``(params, hparams, inner_loss, outer_loss, ...)`` (the hypergrad
+convention: y = params, x = hparams, losses of ``(params, hparams)``) returning a result with the
+gradients and diagnostics; the classes are thin ``objective(state)`` / ``nn.Module`` adapters over them:
+
+    solver = methods.Implicit(ul_objective, ul_model, ll_objective, ll_model, ll_learning_rate=0.1, k=20)
+    for x_batch, y_batch, xv, yv in loader:
+        ul_opt.zero_grad()
+        loss = solver.compute_gradients(xv, yv, x_batch, y_batch)   # adds to ul_model's .grad
+        ul_opt.step()
+"""
+from ._lower import SGDRule
+from .base import BilevelSolver, ModuleView, Result
+from .bvfim import BVFIM, BVFIMResult, bvfim
+from .dynamic import Dynamic, DynamicResult, dynamic
+from .implicit import Implicit, ImplicitResult, implicit
+
+__all__ = ["BilevelSolver", "ModuleView", "Result", "SGDRule",
+           "Implicit", "ImplicitResult", "implicit",
+           "Dynamic", "DynamicResult", "dynamic",
+           "BVFIM", "BVFIMResult", "bvfim"]

@@ -1,0 +1,171 @@
+"""Lower-level machinery shared by the solvers: functional update rules and the descent loop.
+
+Everything works on lists of tensors (the ``params`` convention of :mod:`hypergrad`). An update rule is a
+pure function of (params, grads, state); applied to tensors that carry a graph it is differentiable, which
+is what the unrolled methods (RAD, T-RAD, BDA, IAPTT-GM) backpropagate through.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from hypergrad.errors import NonFiniteError
+
+TensorList = List[Tensor]
+Loss = Callable[[TensorList, TensorList], Tensor]
+
+
+@dataclass
+class SGDRule:
+    """torch.optim.SGD's update written functionally, one hyperparameter tuple per tensor.
+
+        d = g + wd p;  b = d (first step) or m b + (1 - dampening) d;  d = d + m b (nesterov) or b;
+        p <- p - lr d        (g -> -g when ``maximize``)
+    """
+    lr: List[float]
+    momentum: List[float]
+    dampening: List[float]
+    weight_decay: List[float]
+    nesterov: List[bool]
+    maximize: List[bool]
+
+    @classmethod
+    def plain(cls, lr: float, n: int) -> "SGDRule":
+        """Gradient descent ``p <- p - lr g`` on ``n`` tensors."""
+        _check_lr(lr, "lr")
+        return cls([float(lr)] * n, [0.0] * n, [0.0] * n, [0.0] * n, [False] * n, [False] * n)
+
+    @classmethod
+    def from_optimizer(cls, opt: torch.optim.Optimizer, params: Sequence[Tensor],
+                       lr: Optional[float] = None) -> "SGDRule":
+        """The rule of ``opt`` for the tensors ``params`` (the lower model's parameters, by identity).
+
+        ``lr`` overrides the optimizer's learning rate. Only ``torch.optim.SGD`` is supported: other
+        optimizers' rules (Adam's sqrt of a squared gradient) are not safely differentiable.
+        """
+        if not isinstance(opt, torch.optim.SGD):
+            raise TypeError(f"ll_opt must be a torch.optim.SGD (its update rule is followed, differentiably "
+                            f"where the method unrolls); got {type(opt).__name__}")
+        where = {}
+        for group in opt.param_groups:
+            for p in group["params"]:
+                where[id(p)] = group
+        rows = []
+        for i, p in enumerate(params):
+            if id(p) not in where:
+                raise ValueError(f"ll_opt does not hold lower parameter {i} (shape {tuple(p.shape)}); build it "
+                                 "over ll_model.parameters()")
+            g = where[id(p)]
+            glr = float(g["lr"]) if lr is None else float(lr)
+            _check_lr(glr, "ll_opt's lr" if lr is None else "lr")
+            rows.append((glr, float(g.get("momentum", 0.0)), float(g.get("dampening", 0.0)),
+                         float(g.get("weight_decay", 0.0)), bool(g.get("nesterov", False)),
+                         bool(g.get("maximize", False))))
+        if len(where) != len(params):
+            raise ValueError(f"ll_opt holds {len(where)} tensors but the lower model has {len(params)} "
+                             "trainable parameters; build it over ll_model.parameters()")
+        return cls(*[list(c) for c in zip(*rows)])
+
+    def with_lr(self, lr: float) -> "SGDRule":
+        _check_lr(lr, "lr")
+        return SGDRule([float(lr)] * len(self.lr), self.momentum, self.dampening, self.weight_decay,
+                       self.nesterov, self.maximize)
+
+    def init(self, params: Sequence[Tensor]) -> List[Optional[Tensor]]:
+        """Fresh state: no momentum buffers (every call starts the lower optimizer afresh)."""
+        return [None] * len(params)
+
+    def step(self, params: Sequence[Tensor], grads: Sequence[Tensor],
+             state: List[Optional[Tensor]]) -> Tuple[TensorList, List[Optional[Tensor]]]:
+        new, new_state = [], []
+        for i, (p, g, buf) in enumerate(zip(params, grads, state)):
+            d = -g if self.maximize[i] else g
+            if self.weight_decay[i] != 0:
+                d = d + self.weight_decay[i] * p
+            m = self.momentum[i]
+            if m != 0:
+                buf = d if buf is None else m * buf + (1 - self.dampening[i]) * d
+                d = d + m * buf if self.nesterov[i] else buf
+            new.append(p - self.lr[i] * d)
+            new_state.append(buf)
+        return new, new_state
+
+
+def _check_lr(lr, name: str) -> None:
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0 or lr != lr or lr == float("inf"):
+        raise ValueError(f"{name} must be a positive finite number, got {lr!r}")
+
+
+def check_int(value, name: str, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def check_scalar(loss, name: str) -> Tensor:
+    """A loss must be a one-element tensor (finiteness is checked in batches, see :func:`raise_if_nonfinite`)."""
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"{name} must return a scalar tensor, got {type(loss).__name__}")
+    if loss.numel() != 1:
+        raise ValueError(f"{name} must return a scalar, got a tensor of shape {tuple(loss.shape)}")
+    return loss.reshape(())
+
+
+def grads_of(loss: Tensor, wrt: Sequence[Tensor], create_graph: bool = False,
+             retain_graph: Optional[bool] = None) -> TensorList:
+    """d loss / d wrt with zeros where ``loss`` does not depend on a tensor."""
+    gs = torch.autograd.grad(loss, list(wrt), create_graph=create_graph, allow_unused=True,
+                             retain_graph=retain_graph)
+    return [torch.zeros_like(w) if g is None else g for g, w in zip(gs, wrt)]
+
+
+def sq_norm(xs: Sequence[Tensor]) -> Tensor:
+    return sum((x * x).sum() for x in xs)
+
+
+def raise_if_nonfinite(values: Sequence[Tensor], what: str, index_name: str = "step") -> None:
+    """One host sync for a whole loop: raise :class:`NonFiniteError` naming the first bad entry."""
+    if not values:
+        return
+    ok = torch.isfinite(torch.stack([v.detach().reshape(()) for v in values]))
+    if not bool(ok.all()):
+        first = int((~ok).nonzero()[0, 0])
+        raise NonFiniteError(f"{what} became NaN or Inf at {index_name} {first} of {len(values)}")
+
+
+def assert_finite(xs: Sequence[Tensor], what: str) -> None:
+    if xs and not bool(torch.stack([torch.isfinite(x).all() for x in xs]).all()):
+        raise NonFiniteError(f"{what} contains NaN or Inf")
+
+
+def descend(params: Sequence[Tensor], grad_fn: Callable[[TensorList, int, bool], TensorList], rule: SGDRule,
+            steps: range, state: Optional[list] = None, *, track: bool,
+            on_iterate: Optional[Callable[[TensorList, int], None]] = None):
+    """Apply ``rule`` with ``grad_fn(y, t, create_graph)`` for t in ``steps``; return (y, state, grad norms).
+
+    ``track=False``: no graph at all (each step at its own iterate, detached). ``track=True``: every
+    step stays on the graph, so the result can be differentiated w.r.t. whatever ``grad_fn`` and the
+    start depend on. ``grad_fn`` is called with ``y`` requiring grad.
+    """
+    y = list(params)
+    state = rule.init(y) if state is None else state
+    norms: List[Tensor] = []
+    for t in steps:
+        if track:
+            y = [w if w.requires_grad else w.detach().requires_grad_(True) for w in y]
+            with torch.enable_grad():
+                g = grad_fn(y, t, True)
+            y, state = rule.step(y, g, state)
+        else:
+            leaves = [w.detach().requires_grad_(True) for w in y]
+            with torch.enable_grad():
+                g = [gi.detach() for gi in grad_fn(leaves, t, False)]
+            with torch.no_grad():
+                y, state = rule.step([w.detach() for w in y], g, state)
+        norms.append(torch.sqrt(sq_norm([gi.detach() for gi in g])))
+        if on_iterate is not None:
+            on_iterate(y, t)
+    return y, state, norms

@@ -1,0 +1,210 @@
+"""BVFIM: value-function interior-point method (Liu et al., ICML 2021). No Hessian- or Jacobian-vector
+products anywhere: only gradients of f and F.
+
+With mu1 = z_l2_reg, theta = y_l2_reg, tau = y_ln_reg and mu2 > 0:
+
+1. z-loop, T_z steps:  z <- z - s_z grad_z [f(x, z) + mu1/2 ||z||^2];
+   value  f*_mu(x) = f(x, z) + mu1/2 ||z||^2 + mu2.
+2. y-loop, T_y steps on the barrier problem  F(x, y) + theta/2 ||y||^2 - tau ln(f*_mu(x) - f(x, y)),
+   keeping the slack f*_mu(x) - f(x, y) > 0: if the start is infeasible the loop restarts from z (where
+   the slack is mu1/2 ||z||^2 + mu2 > 0), and a step that would leave the interior or increase the
+   barrier objective is halved until it does not (backtracking; after ``max_backtracks`` halvings y
+   stays where it is, the step counts as a stall and the y-loop ends). The monotone rule keeps y from jumping to a far
+   basin of a periodic f through one huge barrier step.
+3. Upper gradient (Danskin on both value functions, d/dx of F(x, y) - tau ln(f*_mu(x) - f(x, y))):
+       grad_x F(x, y) + tau (grad_x f(x, y) - grad_x f(x, z)) / (f*_mu(x) - f(x, y)).
+4. The regularization (mu1, mu2, theta, tau) is divided by ``reg_decay`` >= 1, growing with the outer
+   iterations. Adding a constant to f changes nothing: only differences of f enter.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from hypergrad import update_tensor_grads
+from hypergrad.errors import NonFiniteError
+
+from ._lower import (Loss, SGDRule, assert_finite, check_int, descend, grads_of, raise_if_nonfinite,
+                     sq_norm)
+from .base import BilevelSolver, Objective, Result
+
+
+@dataclass
+class BVFIMResult(Result):
+    """Plus ``z`` (the regularized lower solution), ``slack`` = f*_mu - f(x, y) > 0 at the returned y,
+    ``f_star`` = f*_mu(x), the y-loop's last gradient norm ``y_grad_norm``, the number of ``restarts``
+    from z and of ``backtracks`` (step halvings), and the regularization used (mu1, mu2, theta, tau).
+    ``lower_grad_norm`` is the z-loop's last gradient norm."""
+    z: List[Tensor]
+    slack: float
+    f_star: float
+    y_grad_norm: float
+    restarts: int
+    backtracks: int
+    stalls: int
+    mu1: float
+    mu2: float
+    theta: float
+    tau: float
+
+
+def _positive(value, name: str, allow_zero: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    if not ok or not (value >= 0 if allow_zero else value > 0) or value == float("inf"):
+        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} finite number, "
+                         f"got {value!r}")
+    return float(value)
+
+
+def bvfim(params: Sequence[Tensor], hparams: Sequence[Tensor], inner_loss: Loss, outer_loss: Loss, *,
+          z_loop: int = 10, y_loop: int = 10, z_lr: float = 0.1, y_lr: float = 0.1, mu1: float = 0.1,
+          theta: float = 0.01, tau: float = 10.0, mu2: float = 1.0, z0: Optional[Sequence[Tensor]] = None,
+          z_rule: Optional[SGDRule] = None, y_rule: Optional[SGDRule] = None, max_backtracks: int = 30,
+          set_grad: bool = True) -> BVFIMResult:
+    """One BVFIM upper gradient (see the module docstring). ``params`` is the start of the y-loop,
+    ``z0`` of the z-loop (default: ``params``); neither is modified. ``z_rule``/``y_rule`` replace
+    plain gradient descent with steps ``z_lr``/``y_lr``."""
+    check_int(z_loop, "lower_loop (z-loop length)", 1)
+    check_int(y_loop, "y_loop", 1)
+    check_int(max_backtracks, "max_backtracks", 0)
+    mu1, theta, tau = _positive(mu1, "z_l2_reg (mu1)", True), _positive(theta, "y_l2_reg (theta)", True), \
+        _positive(tau, "y_ln_reg (tau)")
+    mu2 = _positive(mu2, "mu2")
+    hparams, params = list(hparams), [p.detach() for p in params]
+    z_rule = SGDRule.plain(z_lr, len(params)) if z_rule is None else z_rule
+    y_rule = SGDRule.plain(y_lr, len(params)) if y_rule is None else y_rule
+    xd = hparams  # the loops never differentiate w.r.t. x (autograd.grad w.r.t. the iterate only)
+
+    # 1. z-loop on the regularized lower problem
+    z_losses: List[Tensor] = []
+
+    def z_grad(z, t, create_graph):
+        loss = inner_loss(z, xd) + 0.5 * mu1 * sq_norm(z)
+        z_losses.append(loss.detach())
+        return grads_of(loss, z)
+
+    start_z = params if z0 is None else [w.detach() for w in z0]
+    z, _, z_norms = descend(start_z, z_grad, z_rule, range(z_loop), track=False)
+    z = [w.detach() for w in z]
+    with torch.no_grad():
+        f_star = inner_loss(z, xd).reshape(()) + 0.5 * mu1 * sq_norm(z) + mu2
+    raise_if_nonfinite(z_losses + [f_star], "the z-loop loss f(x, z) + mu1/2 |z|^2", "z step")
+    raise_if_nonfinite(z_norms, "the z-loop gradient", "z step")
+
+    # 2. y-loop on the barrier problem, strictly inside {f(x, y) < f*_mu}, never increasing psi
+    def psi_at(y):
+        """Leaves for y, the barrier objective psi(y) (with graph) and the slack (psi None if infeasible)."""
+        y = [w.detach().requires_grad_(True) for w in y]
+        with torch.enable_grad():
+            s = f_star - inner_loss(y, xd).reshape(())
+            if not bool(s > 0):  # also catches NaN
+                return y, None, s
+            psi = outer_loss(y, xd).reshape(()) + 0.5 * theta * sq_norm(y) - tau * torch.log(s)
+        return y, psi, s
+
+    restarts = backtracks = stalls = 0
+    y, psi, slack = psi_at(params)
+    if psi is None:
+        restarts += 1
+        y, psi, slack = psi_at(z)
+    state = y_rule.init(y)
+    y_norm = torch.zeros(())
+    for t in range(y_loop):
+        with torch.enable_grad():
+            g = grads_of(psi, y)
+        y_norm = torch.sqrt(sq_norm(g))
+        if not bool(torch.isfinite(psi) & torch.isfinite(y_norm)):
+            raise NonFiniteError(f"BVFIM y-loop: the barrier objective or its gradient is NaN or Inf at y step {t}")
+        with torch.no_grad():
+            new, state = y_rule.step([w.detach() for w in y], g, state)
+        eta = 1.0
+        for _ in range(max_backtracks + 1):
+            cand = [w.detach() + eta * (n - w.detach()) for w, n in zip(y, new)]
+            cand, cand_psi, cand_slack = psi_at(cand)
+            if cand_psi is not None and bool(cand_psi <= psi):
+                y, psi, slack = cand, cand_psi, cand_slack
+                break
+            eta *= 0.5
+            backtracks += 1
+        else:  # no halving keeps y interior with psi non-increasing: y is a minimizer to working precision
+            stalls += 1
+            break
+
+    # 3. Danskin: d/dx [F(x, y) - tau ln(f(x, z) + mu1/2|z|^2 + mu2 - f(x, y))] at fixed y, z
+    y = [w.detach() for w in y]
+    with torch.enable_grad():
+        upper = outer_loss(y, hparams).reshape(())
+        gap = inner_loss(z, hparams).reshape(()) + (0.5 * mu1 * sq_norm(z) + mu2) - inner_loss(y, hparams).reshape(())
+        if not bool(gap > 0):
+            raise NonFiniteError(f"BVFIM: the slack f*_mu - f(x, y) = {float(gap):.3e} is not positive at the "
+                                 "returned y")
+        grads = grads_of(upper - tau * torch.log(gap), hparams)
+    assert_finite([upper.detach()] + grads, "the BVFIM upper loss or gradient")
+    if set_grad:
+        update_tensor_grads(hparams, grads)
+    return BVFIMResult(grads, y, upper.detach(), float(z_norms[-1]), z, float(gap.detach()), float(f_star),
+                       float(y_norm), restarts, backtracks, stalls, mu1, mu2, theta, tau)
+
+
+class BVFIM(BilevelSolver):
+    """Value-function interior-point method (reference: ``BVFIM``).
+
+    ``BVFIM(upper_objective, upper_model, lower_objective, z_l2_reg=0.1, y_l2_reg=0.01, y_ln_reg=10., *,
+    ll_model, lower_loop=10, y_loop=10, ll_opt=None, z_lr=None, y_lr=None, mu2=1.0, reg_decay=None,
+    warm_start=True)``.
+
+    ``lower_loop`` is the z-loop, ``y_loop`` the y-loop; both follow ``ll_opt``'s SGD rule (else gradient
+    descent), with step sizes ``z_lr``/``y_lr`` (default: ``ll_opt``'s lr, else 0.1). The lower model
+    holds y (and is written with the final y under ``warm_start``); z is kept by the solver and warm-
+    started from its last value (first call: from y).
+
+    ``reg_decay``: the divisor d_t >= 1 of (mu1, mu2, theta, tau) at outer iteration t (a callable of t,
+    or a float r meaning d_t = r ** t); None keeps them fixed. ``compute_gradients(..., reg_decay=d)``
+    overrides it for one call (the reference documentation's style).
+    """
+
+    def __init__(self, upper_objective: Objective, upper_model, lower_objective: Objective,
+                 z_l2_reg: float = 0.1, y_l2_reg: float = 0.01, y_ln_reg: float = 10.0, *, ll_model,
+                 lower_loop: int = 10, y_loop: int = 10, ll_opt: Optional[torch.optim.Optimizer] = None,
+                 z_lr: Optional[float] = None, y_lr: Optional[float] = None, mu2: float = 1.0,
+                 reg_decay: Union[None, float, Callable[[int], float]] = None, max_backtracks: int = 30,
+                 warm_start: bool = True):
+        super().__init__(upper_objective, upper_model, lower_objective, ll_model, ll_opt=ll_opt,
+                         lower_loop=lower_loop, lr=z_lr, warm_start=warm_start)
+        self.y_loop = check_int(y_loop, "y_loop", 1)
+        self.z_rule, self.y_rule = self.rule, self._make_rule(y_lr)
+        self.mu1, self.theta = _positive(z_l2_reg, "z_l2_reg", True), _positive(y_l2_reg, "y_l2_reg", True)
+        self.tau, self.mu2 = _positive(y_ln_reg, "y_ln_reg"), _positive(mu2, "mu2")
+        if reg_decay is not None and not callable(reg_decay):
+            rate = _positive(reg_decay, "reg_decay")
+            if rate < 1:
+                raise ValueError(f"reg_decay as a float is the growth rate r of the divisor r**t; need r >= 1, "
+                                 f"got {rate}")
+            reg_decay = (lambda r: (lambda t: r ** t))(rate)
+        self.reg_decay = reg_decay
+        self.max_backtracks = check_int(max_backtracks, "max_backtracks", 0)
+        self._z: Optional[List[Tensor]] = None
+
+    def decay(self, reg_decay: Optional[float] = None) -> float:
+        """The divisor of the regularization for the current call."""
+        d = reg_decay if reg_decay is not None else (1.0 if self.reg_decay is None else self.reg_decay(self.iteration))
+        d = _positive(d if not isinstance(d, Tensor) else float(d), "reg_decay")
+        return d
+
+    def compute_gradients(self, ul_data, ul_target, ll_data, ll_target, reg_decay: Optional[float] = None,
+                          **options) -> Tensor:
+        """One outer step: z-loop, y-loop, Danskin upper gradient added to the upper ``.grad``.
+        ``options`` override the keywords of :func:`bvfim` for this call."""
+        inner, outer = self.losses(ul_data, ul_target, ll_data, ll_target)
+        d = self.decay(reg_decay)
+        kw = dict(z_loop=self.lower_loop, y_loop=self.y_loop, mu1=self.mu1 / d, theta=self.theta / d,
+                  tau=self.tau / d, mu2=self.mu2 / d, z0=self._z, z_rule=self.z_rule, y_rule=self.y_rule,
+                  max_backtracks=self.max_backtracks)
+        kw.update(options)
+        result = bvfim(self._params, self._hparams, inner, outer, **kw)
+        if self.warm_start:
+            self._z = result.z
+        return self._finish(result, write_lower=self.warm_start)

@@ -1,0 +1,111 @@
+"""Implicit hypergradient (IGBM: CG / Neumann, Lorraine et al. 2020) through the core's solvers.
+
+T lower steps (no graph) give y_T; then, at the *detached* y_T and with Phi(y, x) = y - s grad_y f(x, y),
+
+    grad = grad_x F + (d_x Phi)^T v,    (I - d_y Phi)^T v = grad_y F,
+
+i.e. grad_x F - grad2_xy f [grad2_yy f]^{-1} grad_y F, solved by ``hypergrad.hypergradient``. Detaching
+y_T first means that a lower iterate coming from a tracked trajectory is not differentiated twice.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+import hypergrad
+
+from ._lower import Loss, SGDRule, _check_lr, check_int, descend, grads_of, raise_if_nonfinite
+from .base import BilevelSolver, Objective, Result
+
+
+@dataclass
+class ImplicitResult(Result):
+    """Plus the core solver's ``iterations`` (products with (d_y Phi)^T), ``residual``, ``converged``,
+    the ``solver`` name and the adjoint ``v`` (a warm start for the next call)."""
+    iterations: int
+    residual: float
+    converged: bool
+    solver: str
+    v: List[Tensor]
+
+
+def implicit(params: Sequence[Tensor], hparams: Sequence[Tensor], inner_loss: Loss, outer_loss: Loss,
+             steps: int, lr: float, *, solver: str = "cg", K: int = 10, tol: float = 1e-10,
+             rule: Optional[SGDRule] = None, v0: Optional[Sequence[Tensor]] = None, set_grad: bool = True,
+             **solver_options) -> ImplicitResult:
+    """``steps`` lower steps from ``params`` (detached; 0 steps: ``params`` is already y*), then the
+    implicit hypergradient at y_T with Phi = y - lr grad_y f, at most ``K`` solver iterations.
+
+    ``rule`` (e.g. SGD with momentum) drives the lower steps only; Phi is always plain gradient descent
+    with step ``lr`` (its fixed points are the stationary points of f; ``lr`` cancels for an exact solve).
+    """
+    check_int(steps, "the number of lower steps (lower_loop)", 0)
+    check_int(K, "k (solver iterations)", 0)
+    _check_lr(lr, "ll_learning_rate")
+    hparams, params = list(hparams), [p.detach() for p in params]
+    rule = SGDRule.plain(lr, len(params)) if rule is None else rule
+    losses: List[Tensor] = []
+
+    def grad_fn(y, t, create_graph):
+        f = inner_loss(y, hparams)
+        losses.append(f.detach())
+        return grads_of(f, y, create_graph=create_graph)
+
+    y, _, norms = descend(params, grad_fn, rule, range(steps), track=False)
+    raise_if_nonfinite(losses, "the lower loss", "lower step")
+    raise_if_nonfinite(norms, "the lower gradient", "lower step")
+    y = [w.detach() for w in y]
+    res = hypergradient_at(y, hparams, inner_loss, outer_loss, lr, solver=solver, K=K, tol=tol, v0=v0,
+                           set_grad=set_grad, **solver_options)
+    with torch.no_grad():
+        upper = outer_loss(y, hparams).detach()
+    return ImplicitResult(res.grads, y, upper, float(norms[-1]) if norms else float("nan"),
+                          res.iterations, res.residual, res.converged, res.solver, res.v)
+
+
+def hypergradient_at(y: Sequence[Tensor], hparams: Sequence[Tensor], inner_loss: Loss, outer_loss: Loss,
+                     lr: float, **options) -> hypergrad.HypergradResult:
+    """The core call: fixed-point map Phi = y - lr grad_y f at the detached lower iterate ``y``."""
+    y = [w.detach() for w in y]
+    return hypergrad.hypergradient(y, list(hparams), hypergrad.GradientDescent(inner_loss, lr), outer_loss,
+                                   **options)
+
+
+class Implicit(BilevelSolver):
+    """Implicit gradients by CG or the Neumann series (reference: ``Implicit``).
+
+    ``Implicit(ul_objective, ul_model, ll_objective, ll_model, ll_learning_rate, k, tolerance=1e-10, *,
+    lower_loop=10, solver="cg", ll_opt=None, warm_start=True, warm_start_adjoint=False)``:
+    ``lower_loop`` lower steps (``ll_opt``'s SGD rule, else gradient descent with ``ll_learning_rate``),
+    then at most ``k`` iterations of ``solver`` (any of the core's: "cg", "neumann", "fixed_point",
+    "minres", "gmres", "dense", "cg_normaleq") until the residual is below ``tolerance``.
+    """
+
+    def __init__(self, ul_objective: Objective, ul_model, ll_objective: Objective, ll_model,
+                 ll_learning_rate: float, k: int, tolerance: float = 1e-10, *, lower_loop: int = 10,
+                 solver: str = "cg", ll_opt: Optional[torch.optim.Optimizer] = None, warm_start: bool = True,
+                 warm_start_adjoint: bool = False):
+        _check_lr(ll_learning_rate, "ll_learning_rate")
+        super().__init__(ul_objective, ul_model, ll_objective, ll_model, ll_opt=ll_opt, lower_loop=lower_loop,
+                         lr=ll_learning_rate if ll_opt is None else None, warm_start=warm_start)
+        if solver not in hypergrad.SOLVERS:
+            raise ValueError(f"unknown solver {solver!r}; choose one of {sorted(hypergrad.SOLVERS)}")
+        if not isinstance(tolerance, (int, float)) or not tolerance >= 0:
+            raise ValueError(f"tolerance must be >= 0, got {tolerance!r}")
+        self.ll_learning_rate, self.k = float(ll_learning_rate), check_int(k, "k", 0)
+        self.tolerance, self.solver = float(tolerance), solver
+        self.warm_start_adjoint = bool(warm_start_adjoint)
+
+    def compute_gradients(self, ul_data, ul_target, ll_data, ll_target, **options) -> Tensor:
+        """One outer step; ``options`` override ``steps``/``solver``/``K``/``tol`` of :func:`implicit`."""
+        inner, outer = self.losses(ul_data, ul_target, ll_data, ll_target)
+        kw = dict(solver=self.solver, K=self.k, tol=self.tolerance, rule=self.rule)
+        if self.warm_start_adjoint and self.last is not None:
+            kw["v0"] = self.last.v
+        kw.update(options)
+        steps = kw.pop("steps", self.lower_loop)
+        result = implicit(self._params, self._hparams, inner, outer, steps, self.ll_learning_rate, **kw)
+        return self._finish(result, write_lower=self.warm_start)
