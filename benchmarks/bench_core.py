@@ -85,11 +85,16 @@ def bench_cost(dims, repeats, dtype=torch.float32, K=20):
     return rows
 
 
-def bench_warm(steps=30, d=100, rtol=1e-6, dtype=torch.float64):
-    """Warm vs cold adjoint solves along a real outer trajectory (inner solved by Newton's method)."""
+def bench_warm(steps=30, d=100, rtol=1e-6, outer_opt="sgd", first_step=0.05, dtype=torch.float64):
+    """Warm vs cold adjoint solves along a real outer trajectory (inner solved by Newton's method).
+
+    ``outer_opt``: "sgd" (hypergradient descent, the first step moves lambda by at most ``first_step``,
+    later steps shrink with the hypergradient) or "adam" (lr ``first_step``: every step moves each
+    lambda_j by about that much). The warm start saves log(||r0|| / ||b||) of the log(1/rtol) decades
+    CG must gain, so the ratio depends on how far consecutive outer steps move."""
     inner, outer = logreg(2000, d, dtype)
     lam = torch.full((d,), -1.0, dtype=dtype, requires_grad=True)
-    opt = torch.optim.Adam([lam], lr=0.05)
+    opt = None
     fp = hg.GradientDescent(inner, 1.0)
     w = torch.zeros(d, dtype=dtype)
     v_prev, warm_products, warm_errs, states = None, 0, [], []
@@ -105,6 +110,9 @@ def bench_warm(steps=30, d=100, rtol=1e-6, dtype=torch.float64):
         warm_errs.append(((r.grads[0] - ref).norm() / ref.norm()).item())
         states.append((w.clone(), lam.detach().clone(), ref))
         v_prev = r.v
+        if opt is None:  # scale the outer step size once, from the first hypergradient
+            opt = torch.optim.Adam([lam], lr=first_step) if outer_opt == "adam" else \
+                torch.optim.SGD([lam], lr=first_step / r.grads[0].abs().max().item())
         opt.zero_grad()
         lam.grad = r.grads[0].clone()
         opt.step()
@@ -118,50 +126,58 @@ def bench_warm(steps=30, d=100, rtol=1e-6, dtype=torch.float64):
         if max(errs) <= target:
             break
     cold_products = steps * K
-    res = dict(steps=steps, d=d, rtol=rtol, warm_products=warm_products, warm_max_rel_err=target,
+    res = dict(steps=steps, d=d, rtol=rtol, outer_opt=outer_opt, first_step=first_step, warm_products=warm_products, warm_max_rel_err=target,
                cold_K=K, cold_products=cold_products, cold_max_rel_err=max(errs),
                ratio=warm_products / cold_products)
-    print(f"  warm start: {warm_products} products (max rel. error {target:.1e}); cold start needs K={K}: "
+    print(f"  outer {outer_opt} (first step {first_step}), rtol {rtol:.0e}: warm start: {warm_products} products (max rel. error {target:.1e}); cold start needs K={K}: "
           f"{cold_products} products (max rel. error {max(errs):.1e}); ratio {res['ratio']:.3f}")
     return res
 
 
 _MEM_CHILD = r"""
-import resource, sys, torch, hypergrad as hg
+import sys, torch, hypergrad as hg
 torch.set_num_threads(1)
-mode, T, n, d = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+mode, T, n, hidden = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 g = torch.Generator().manual_seed(0)
-X = torch.randn(n, d, generator=g, dtype=torch.float64) / d ** 0.5
-y = torch.randn(n, generator=g, dtype=torch.float64)
-lam = torch.zeros(d, dtype=torch.float64, requires_grad=True)
-inner = lambda p, h: 0.5 * ((X @ p[0] - y) ** 2).sum() + 0.5 * (torch.exp(h[0]) * p[0] ** 2).sum()
-outer = lambda p, h: 0.5 * (p[0] ** 2).sum()
+X, y = torch.randn(n, 20, generator=g), torch.randn(n, 1, generator=g)
+def inner(p, h):  # 2-layer MLP regression, one log weight decay per layer
+    out = torch.tanh(X @ p[0] + p[1]) @ p[2]
+    return ((out - y) ** 2).mean() + 0.5 * (h[0][0].exp() * (p[0] ** 2).sum() + h[0][1].exp() * (p[2] ** 2).sum())
+outer = lambda p, h: (p[2] ** 2).sum()
+lam = torch.full((2,), -3.0, requires_grad=True)
 gd = hg.GradientDescent(inner, 0.1)
-w0 = torch.zeros(d, dtype=torch.float64, requires_grad=True)
-gd([w0], [lam]); torch.autograd.grad(outer([w0], [lam]), w0)  # warm up allocator and autograd
-import os
-base = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024  # current RSS, KiB
+w0 = [torch.randn(20, hidden, generator=g) * 0.2, torch.zeros(hidden), torch.randn(hidden, 1, generator=g) * 0.2]
+w0 = [t.requires_grad_(True) for t in w0]
+hg.reverse_unroll(gd(w0, [lam]), [lam], outer, set_grad=False)  # warm up allocator, kernels, autograd
+hg.reverse([[t.detach() for t in w0], [t.detach() for t in gd(w0, [lam])]], [lam], [gd], outer, set_grad=False)
+def status(key):  # KiB
+    return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1])
+with open("/proc/self/clear_refs", "w") as fh:
+    fh.write("5")  # reset the peak (VmHWM) to the current RSS, so import-time peaks do not count
+base = status("VmRSS")
 if mode == "unroll":
-    w = [w0]
+    w = w0
     for _ in range(T):
         w = gd(w, [lam])
     hg.reverse_unroll(w, [lam], outer, set_grad=False)
 else:
-    hist = [[w0.detach()]]
+    hist = [[t.detach() for t in w0]]
     for _ in range(T):
-        hist.append([t.detach() for t in gd([hist[-1][0].requires_grad_(True)], [lam])])
+        hist.append([t.detach() for t in gd([t.requires_grad_(True) for t in hist[-1]], [lam])])
     hg.reverse(hist, [lam], [gd] * T, outer, set_grad=False)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)
+print(status("VmHWM") - base)
 """
 
 
-def bench_memory(T=100, n=4000, d=2000):
+def bench_memory(T=100, n=1000, hidden=64):
+    """Peak resident-memory growth of a fresh process: T gradient steps of a 2-layer MLP (the per-step
+    graph holds activations of size n x hidden; an iterate holds only the parameters)."""
     peak = {}
     for mode in ("unroll", "reverse"):
-        out = subprocess.run([sys.executable, "-c", _MEM_CHILD, mode, str(T), str(n), str(d)],
+        out = subprocess.run([sys.executable, "-c", _MEM_CHILD, mode, str(T), str(n), str(hidden)],
                              capture_output=True, text=True, check=True)
-        peak[mode] = int(out.stdout.strip().splitlines()[-1])  # KiB
-    res = dict(T=T, n=n, d=d, reverse_unroll_kib=peak["unroll"], reverse_kib=peak["reverse"],
+        peak[mode] = max(int(out.stdout.strip().splitlines()[-1]), 1)  # KiB
+    res = dict(T=T, n=n, hidden=hidden, reverse_unroll_kib=peak["unroll"], reverse_kib=peak["reverse"],
                ratio=peak["reverse"] / peak["unroll"])
     print(f"  T={T}: peak memory growth reverse_unroll {peak['unroll'] / 1024:.1f} MiB, reverse "
           f"{peak['reverse'] / 1024:.1f} MiB, ratio {res['ratio']:.3f}")
@@ -178,12 +194,14 @@ def plot(results, path):
     ax[0].axhline(1.0, color="gray", lw=0.8, ls="--", label="20 raw HVPs")
     ax[0].set(xscale="log", xlabel="features d", ylabel="time / time of 20 HVPs", title="CG overhead")
     ax[0].legend()
-    labels = ["warm/cold\nproducts", "reverse/unroll\npeak memory"]
-    vals = [results["warm"]["ratio"], results["memory"]["ratio"]]
-    ax[1].bar(labels, vals, color=["C0", "C1"])
+    warm = results["warm"]
+    labels = [f"{w['outer_opt']} {w['first_step']}\nrtol {w['rtol']:.0e}" for w in warm] + ["reverse /\nunroll mem"]
+    vals = [w["ratio"] for w in warm] + [results["memory"]["ratio"]]
+    ax[1].bar(range(len(vals)), vals, color=["C0"] * len(warm) + ["C1"])
+    ax[1].set_xticks(range(len(vals)), labels, fontsize=6)
     ax[1].axhline(0.5, color="C0", ls=":", lw=1)
     ax[1].axhline(0.2, color="C1", ls=":", lw=1)
-    ax[1].set(ylabel="ratio (dotted: targets)", title="warm start and memory")
+    ax[1].set(ylabel="ratio (dotted: targets)", title="warm/cold Hessian-vector products; memory")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -193,8 +211,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repeats and sizes (seconds)")
     ap.add_argument("--out", default="results")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on a shared machine)")
     args = ap.parse_args(argv)
     from tqdm import tqdm
+    torch.set_num_threads(args.threads)
     parts = ["cost", "warm", "memory"]
     results = dict(torch=torch.__version__, hypergrad=hg.__version__, threads=torch.get_num_threads())
     for part in tqdm(parts, desc="benchmarks", file=sys.stderr):
@@ -203,7 +223,9 @@ def main(argv=None):
             results[part] = bench_cost([100, 1000] if args.quick else [100, 1000, 10000],
                                        repeats=5 if args.quick else 41)
         elif part == "warm":
-            results[part] = bench_warm(steps=5 if args.quick else 30)
+            settings = [("adam", 0.05), ("sgd", 0.05), ("sgd", 0.005)]
+            results[part] = [bench_warm(steps=5 if args.quick else 30, rtol=rtol, outer_opt=o, first_step=s)
+                             for o, s in settings[: 1 if args.quick else 3] for rtol in (1e-4, 1e-6, 1e-8)]
         else:
             results[part] = bench_memory(T=20 if args.quick else 100)
     os.makedirs(args.out, exist_ok=True)
