@@ -124,7 +124,7 @@ def bvfim(params: Sequence[Tensor], hparams: Sequence[Tensor], inner_loss: Loss,
         for _ in range(max_backtracks + 1):
             cand = [w.detach() + eta * (n - w.detach()) for w, n in zip(y, new)]
             cand, cand_psi, cand_slack = psi_at(cand)
-            if cand_psi is not None and bool(cand_psi <= psi):
+            if cand_psi is not None and bool(cand_psi <= psi + 1e-13 * psi.abs()):  # roundoff-tolerant
                 y, psi, slack = cand, cand_psi, cand_slack
                 break
             eta *= 0.5
