@@ -8,10 +8,10 @@
 from .errors import BreakdownError, DivergenceError, HypergradError, NonFiniteError, SingularSystemError
 from .functional import functional, load_params, module_params, param_dict
 from .hypergradients import (CG, CG_normaleq, HypergradResult, cg, cg_normaleq, exact, fixed_point, gmres,
+                             get_outer_gradients, grad_unused_zero, cat_list_to_tensor, update_tensor_grads,
                              hypergradient, minres, neumann, reverse, reverse_unroll, stoch_AID)
 from .inner_optimizers import DifferentiableOptimizer, GradientDescent, HeavyBall, Momentum
 from .linear_solvers import SOLVERS, SolveInfo
-from .tensor_list import accumulate_grads as update_tensor_grads
 
 __version__ = "0.1.0"
 
@@ -20,6 +20,7 @@ __all__ = [
     "reverse_unroll", "reverse", "fixed_point", "CG", "cg", "CG_normaleq", "cg_normaleq", "neumann",
     "minres", "gmres", "exact", "stoch_AID",
     "DifferentiableOptimizer", "GradientDescent", "HeavyBall", "Momentum",
-    "module_params", "param_dict", "functional", "load_params", "update_tensor_grads",
+    "module_params", "param_dict", "functional", "load_params",
+    "update_tensor_grads", "get_outer_gradients", "grad_unused_zero", "cat_list_to_tensor",
     "HypergradError", "NonFiniteError", "DivergenceError", "BreakdownError", "SingularSystemError",
 ]

@@ -283,3 +283,20 @@ def stoch_AID(params, hparams, outer_loss, K, J_inner=1, J_outer=1, fp_map=None,
     if set_grad:
         tl.accumulate_grads(hparams, grads)
     return grads, v
+
+
+# hypertorch's public utilities, for code that imports them from hypergrad.hypergradients
+def get_outer_gradients(outer_loss, params, hparams, retain_graph=True):
+    """(dE/dparams, dE/dhparams) of an evaluated outer loss, zeros where unused."""
+    return (tl.grad_or_zeros(outer_loss, params, retain_graph=True),
+            tl.grad_or_zeros(outer_loss, hparams, retain_graph=retain_graph))
+
+
+def grad_unused_zero(output, inputs, grad_outputs=None, retain_graph=False, create_graph=False):
+    """torch.autograd.grad with zeros for unused inputs (a tuple, as in hypertorch)."""
+    return tuple(tl.grad_or_zeros(output, inputs, grad_outputs, retain_graph, create_graph))
+
+
+cat_list_to_tensor = tl.flatten
+update_tensor_grads = tl.accumulate_grads
+

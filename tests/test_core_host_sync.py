@@ -1,0 +1,36 @@
+"""Off the CPU fast path, the solvers read the device only every `check_every` iterations.
+
+Tensors with a graph take the device path (0-d tensor scalars) on the CPU too, so the number of host
+reads (bool/float/item on a tensor) can be counted here without a GPU."""
+import pytest
+import torch
+
+from hypergrad.linear_solvers import SOLVERS
+
+
+def _spd(n=30, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return Q @ torch.diag(torch.linspace(0.2, 1.0, n, dtype=torch.float64)) @ Q.T
+
+
+@pytest.mark.parametrize("solver", ["cg", "minres", "gmres", "fixed_point", "neumann"])
+def test_host_reads_scale_with_checks_not_iterations(solver, monkeypatch):
+    M = _spd()
+    b = [torch.ones(30, dtype=torch.float64, requires_grad=True)]  # a graph: device path
+    reads = {"n": 0}
+    for name in ("__bool__", "__float__", "item"):
+        orig = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _orig=orig, **k):
+            reads["n"] += 1
+            return _orig(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    K, every = 40, 10
+    x, info = SOLVERS[solver](lambda u: [M @ u[0]], b, maxiter=K, tol=0.0, check_every=every)
+    checks = K // every
+    assert info.iterations >= K - 1  # fixed_point: the first of K steps needs no product
+    assert reads["n"] <= 4 * checks + 8, reads  # a few reads per check, none per iteration
+    monkeypatch.undo()
+    assert torch.isfinite(x[0]).all()
+    assert (M @ x[0] - b[0]).norm() < (b[0].norm() if solver in ("fixed_point", "neumann") else 1e-6)
