@@ -1,9 +1,16 @@
 """Hypergradients through a constrained inner problem, by the core's solvers on the KKT map.
 
-With w = [y, mu_A, nu] and Phi = w - eta grad_w L (see :mod:`constrained.kkt`), the core solves
-eta K v = grad_w E and returns grad_x E + (d_x Phi)^T v = grad_x E - (d_x grad_w L)^T K^-1 grad_w E.
+With w = [y, mu_A, nu] and Phi = w - eta grad_w L (see :mod:`constrained.kkt`), the adjoint solves
+eta K v = grad_w E and the result is grad_x E + (d_x Phi)^T v = grad_x E - (d_x grad_w L)^T K^-1 grad_w E.
 For a QP lower level (g = 1/2 y'Qy + (c + Bx)'y, p = Gy - h - Ex, q = Ay - b - Fx) this is
 grad_x E - B'v_y + E_A'v_mu + F'v_nu with K v = grad_w E.
+
+Two ways to apply K, both solved by the core's linear solvers (:data:`hypergrad.SOLVERS`):
+- matrix-free: :func:`hypergrad.hypergradient` on the map, one Hessian-vector product (a VJP through
+  Phi) per iteration; memory O(size of w). Used for large systems.
+- materialized: K is built once (``torch.func``), after which a product is one dense mat-vec, and
+  "dense" is one LU solve with a condition estimate (the core's dense solver checks singularity by an
+  SVD, about ten times the cost of the LU). Much faster for small and medium systems.
 """
 from __future__ import annotations
 
@@ -15,6 +22,8 @@ import torch
 from torch import Tensor
 
 import hypergrad
+from hypergrad import tensor_list as tl
+from hypergrad.errors import SingularSystemError
 
 from .errors import NotConvergedWarning
 from .kkt import KKTMap, KKTReport, kkt_map
@@ -51,16 +60,114 @@ def solve_adjoint(w: List[Tensor], hparams: Sequence[Tensor], fp_map, loss_w, so
     """One call to the core; ``K`` defaults to 10 x (number of unknowns) + 100 Krylov iterations; ``v0``
     is used only when its shapes match ``w``. Warns when the solve stopped above the tolerance."""
     n = sum(t.numel() for t in w)
-    if K is None:
-        K = 10 * n + 100
-    if v0 is not None and (len(v0) != len(w) or any(a.shape != b.shape for a, b in zip(v0, w))):
-        v0 = None  # the active set changed since the warm start was computed
-    res = hypergrad.hypergradient(w, list(hparams), fp_map, loss_w, solver=solver, K=K, tol=tol, rtol=rtol,
-                                  v0=v0, set_grad=set_grad)
-    if not res.converged:
-        warnings.warn(f"{solver} stopped after {res.iterations} iterations with residual {res.residual:.3e} "
-                      f"above the tolerance; raise K or loosen tol/rtol", NotConvergedWarning, stacklevel=3)
+    res = hypergrad.hypergradient(w, list(hparams), fp_map, loss_w, solver=solver, K=10 * n + 100 if K is None
+                                  else K, tol=tol, rtol=rtol, v0=_usable_v0(v0, w), set_grad=set_grad)
+    _warn_unconverged(res.solver, res.iterations, res.residual, res.converged)
     return res
+
+
+def materialize_kkt(km: KKTMap, hparams: Sequence[Tensor]) -> Optional[Tensor]:
+    """K = [[H, J^T], [J, 0]] with H = d^2 L / dy^2 by ``torch.func`` (reverse over reverse, vectorized)
+    and J = d[p_A; q]/dy from the KKT analysis. None when the problem's callables do not support
+    ``torch.func`` transforms (the matrix-free path is used then)."""
+    x = [h.detach() for h in hparams]
+    y = [t.detach() for t in km.w[:km.n_params]]
+    rest = [t.detach() for t in km.w[km.n_params:]]
+
+    def lagrangian_y(yf: Tensor) -> Tensor:
+        return km.lagrangian(tl.unflatten(yf, y) + rest, x)
+
+    try:
+        H = torch.func.jacrev(torch.func.grad(lagrangian_y))(tl.flatten(y))
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return None
+    n, r = H.shape[0], km.J.shape[0]
+    K = H.new_zeros(n + r, n + r)
+    K[:n, :n] = 0.5 * (H + H.T)
+    K[n:, :n] = km.J
+    K[:n, n:] = km.J.T
+    return K
+
+
+def inverse_norm1_estimate(LU: Tensor, pivots: Tensor, iters: int = 5) -> float:
+    """Hager's estimate of ||A^-1||_1 from an LU factorization (a few O(n^2) solves, a lower bound)."""
+    n = LU.shape[0]
+    x = torch.full((n, 1), 1.0 / n, dtype=LU.dtype, device=LU.device)
+    est = 0.0
+    for _ in range(iters):
+        y = torch.linalg.lu_solve(LU, pivots, x)
+        est = float(y.abs().sum())
+        z = torch.linalg.lu_solve(LU, pivots, torch.sign(y) + (y == 0), adjoint=True)
+        j = int(z.abs().argmax())
+        if float(z.abs()[j]) <= float((z * x).sum()):
+            break
+        x = torch.zeros_like(x)
+        x[j] = 1.0
+    return est
+
+
+def solve_lu(A: Tensor, b: Sequence[Tensor]) -> tuple:
+    """x = A^-1 b by LU; :class:`SingularSystemError` when cond_1(A) >= 1 / (n eps) (the core's criterion)."""
+    n = A.shape[0]
+    LU, pivots, info = torch.linalg.lu_factor_ex(A)
+    cond = float("inf") if int(info) != 0 else float(torch.linalg.matrix_norm(A, 1)) * inverse_norm1_estimate(LU, pivots)
+    if not cond < 1.0 / (n * torch.finfo(A.dtype).eps):
+        raise SingularSystemError(f"dense: the KKT matrix is singular (condition number estimate {cond:.3e}); "
+                                  "the hypergradient is not defined at this point (LICQ or second-order "
+                                  "sufficiency fails): use solver='minres' for a least-squares adjoint")
+    flat_b = tl.flatten(b)
+    x = torch.linalg.lu_solve(LU, pivots, flat_b[:, None])[:, 0]
+    res = float(torch.linalg.norm(A @ x - flat_b))
+    return tl.unflatten(x, b), hypergrad.SolveInfo("dense", 1, res, True)
+
+
+def solve_materialized(km: KKTMap, Kmat: Tensor, hparams: Sequence[Tensor], loss_w, solver: str, *,
+                       K: Optional[int], tol: float, rtol: float, v0, set_grad: bool) -> hypergrad.HypergradResult:
+    """The core's recipe (outer gradients, one solve of (I - dPhi/dw)^T v = dE/dw, one VJP w.r.t. hparams)
+    with the operator eta K applied as a dense matrix instead of a VJP through Phi: "dense" by
+    :func:`solve_lu`, the Krylov solvers by the core's :data:`hypergrad.SOLVERS` with plain mat-vecs."""
+    hparams = tl.as_tensor_list(hparams, "hparams")
+    tl.check_hparams(hparams)
+    A = km.eta * Kmat
+    n = A.shape[0]
+    with torch.enable_grad():
+        w = tl.detached_leaves(km.w)
+        loss = tl.scalar_loss(loss_w, w, hparams, "outer_loss(params, hparams)")
+        g = tl.grad_or_zeros(loss, w + hparams)
+        g_w, g_h = g[:len(w)], g[len(w):]
+        tl.assert_finite(g, "the gradient of outer_loss")
+
+        def matvec(u: List[Tensor]) -> List[Tensor]:
+            return tl.unflatten(A @ tl.flatten(u), u)
+
+        if solver == "dense":
+            v, info = solve_lu(A, g_w)
+        else:
+            options = dict(maxiter=10 * n + 100 if K is None else K, tol=tol, rtol=rtol)
+            if solver == "cg_normaleq":
+                options["rmatvec"] = matvec
+            v, info = hypergrad.SOLVERS[solver](matvec, g_w, _usable_v0(v0, w), **options)
+        indirect = tl.grad_or_zeros(km.fp_map(w, hparams), hparams, grad_outputs=[t.detach() for t in v])
+    grads = [(a + b).detach() for a, b in zip(g_h, indirect)]
+    tl.assert_finite(grads, "the hypergradient")
+    if set_grad:
+        tl.accumulate_grads(hparams, grads)
+    _warn_unconverged(info.solver, info.iterations, info.residual, info.converged)
+    return hypergrad.HypergradResult(grads, [t.detach() for t in v], info.iterations, info.residual,
+                                     info.converged, info.solver)
+
+
+def _usable_v0(v0, w):
+    """The warm start, or None when its shapes no longer match w (the active set changed)."""
+    if v0 is None or len(v0) != len(w) or any(a.shape != b.shape for a, b in zip(v0, w)):
+        return None
+    return list(v0)
+
+
+def _warn_unconverged(solver: str, iterations: int, residual: float, converged: bool) -> None:
+    if not converged:
+        warnings.warn(f"{solver} stopped after {iterations} iterations with residual {residual:.3e} above the "
+                      f"tolerance; raise K or loosen tol/rtol", NotConvergedWarning, stacklevel=4)
 
 
 def _loss_in_w(km: KKTMap, outer_loss: Callable, with_multipliers: bool):
@@ -80,6 +187,7 @@ def hypergradient(problem: ConstrainedProblem, params: Sequence[Tensor], hparams
                   solver: str = "auto", *, K: Optional[int] = None, tol: float = 0.0, rtol: float = 1e-11,
                   eta: float = 1.0, degenerate: str = "drop", with_multipliers: bool = False,
                   set_grad: bool = True, v0: Optional[Sequence[Tensor]] = None, dense_max: int = 1500,
+                  materialize: Optional[bool] = None,
                   active_rtol: float = 1e-6, active_atol: float = 1e-12,
                   kkt_tol: Optional[float] = 1e-5) -> ConstrainedResult:
     """Hypergradient of ``outer_loss(params, hparams)`` through  params = argmin g s.t. p <= 0, q = 0.
@@ -94,6 +202,8 @@ def hypergradient(problem: ConstrainedProblem, params: Sequence[Tensor], hparams
             (differentiated through the active ones; the inactive ones are constants: locally zero).
         degenerate, active_rtol, active_atol, kkt_tol, eta: see :func:`constrained.kkt_map`.
         set_grad: add the result to ``hparam.grad``.
+        materialize: build K once as a dense matrix (default: when it has at most ``dense_max`` rows and
+            the callables support ``torch.func``); False: matrix-free Hessian-vector products.
     """
     if solver not in SOLVERS:
         pick_solver(solver, 0, True, 0)  # raises the error naming the choices
@@ -101,6 +211,12 @@ def hypergradient(problem: ConstrainedProblem, params: Sequence[Tensor], hparams
                  atol=active_atol, kkt_tol=kkt_tol)
     n = sum(t.numel() for t in km.w)
     name = pick_solver(solver, n, km.report.licq, dense_max)
-    res = solve_adjoint(km.w, hparams, km.fp_map, _loss_in_w(km, outer_loss, with_multipliers), name, K=K,
-                        tol=tol, rtol=rtol, v0=v0, set_grad=set_grad)
+    loss_w = _loss_in_w(km, outer_loss, with_multipliers)
+    Kmat = materialize_kkt(km, hparams) if (materialize or (materialize is None and n <= dense_max)) else None
+    if Kmat is not None:
+        res = solve_materialized(km, Kmat, hparams, loss_w, name, K=K, tol=tol, rtol=rtol, v0=v0,
+                                 set_grad=set_grad)
+    else:
+        res = solve_adjoint(km.w, hparams, km.fp_map, loss_w, name, K=K, tol=tol, rtol=rtol, v0=v0,
+                            set_grad=set_grad)
     return ConstrainedResult(res.grads, res.v, km.report, res.solver, res.iterations, res.residual, res.converged)

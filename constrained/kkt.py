@@ -75,6 +75,14 @@ class KKTMap:
     report: KKTReport
     n_params: int
     mu: Optional[Tensor]  # the given multipliers (all of them), detached
+    problem: ConstrainedProblem
+    eta: float
+    J: Tensor  # the Jacobian of [p_A; q] w.r.t. the flattened params, at this point
+
+    def lagrangian(self, w: Sequence[Tensor], hparams: Sequence[Tensor]) -> Tensor:
+        """L(w, x) = g + mu_A^T p_A + nu^T q over w = params + [mu_A] + [nu]."""
+        y, mu_a, nu = self.unpack(w)
+        return self.problem.lagrangian(y, hparams, mu_a, nu, index=self.report.active)
 
     def unpack(self, w: Sequence[Tensor]) -> Tuple[List[Tensor], Optional[Tensor], Optional[Tensor]]:
         w = list(w)
@@ -92,23 +100,32 @@ class KKTMap:
         return self.mu.index_put((self.report.active,), mu_active)
 
 
-def jacobian(out: Optional[Tensor], inputs: Sequence[Tensor]) -> Tensor:
-    """d out / d inputs as a (len(out), total numel) matrix (one batched VJP; rows loop as fallback)."""
-    n = sum(t.numel() for t in inputs)
-    ref = inputs[0]
+def jacobian(fn: Callable[[List[Tensor]], Optional[Tensor]], inputs: Sequence[Tensor]) -> Tensor:
+    """d fn(inputs) / d inputs as a (len(out), total numel) matrix: ``torch.func.jacrev`` on the flattened
+    inputs (vectorized), or one autograd VJP per row when ``fn`` does not support ``torch.func``."""
+    flat = tl.flatten([t.detach() for t in inputs])
+    with torch.no_grad():
+        out = fn([t.detach() for t in inputs])
     if out is None or out.numel() == 0:
-        return torch.zeros(0, n, dtype=ref.dtype, device=ref.device)
-    if not out.requires_grad:
-        return torch.zeros(out.numel(), n, dtype=ref.dtype, device=ref.device)
-    eye = torch.eye(out.numel(), dtype=out.dtype, device=out.device)
+        return torch.zeros(0, flat.numel(), dtype=flat.dtype, device=flat.device)
     try:
-        rows = torch.autograd.grad(out, list(inputs), grad_outputs=eye, retain_graph=True,
-                                   allow_unused=True, is_grads_batched=True)
-        rows = [torch.zeros(out.numel(), *t.shape, dtype=t.dtype, device=t.device) if r is None else r
-                for r, t in zip(rows, inputs)]
-        return torch.cat([r.reshape(out.numel(), -1) for r in rows], dim=1)
-    except RuntimeError:  # an op without a batching rule: one VJP per row
-        return torch.stack([tl.flatten(tl.grad_or_zeros(out, list(inputs), grad_outputs=e)) for e in eye])
+        return torch.func.jacrev(lambda v: fn(tl.unflatten(v, inputs)))(flat).reshape(out.numel(), -1)
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        pass
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(True) for t in inputs]
+        out = fn(leaves)
+        eye = torch.eye(out.numel(), dtype=out.dtype, device=out.device)
+        return torch.stack([tl.flatten(tl.grad_or_zeros(out, leaves, grad_outputs=e)) for e in eye])
+
+
+def numerical_rank(J: Tensor, rcond: float = 1e-6) -> int:
+    """Number of singular values of J (r x n, r rows) above rcond * the largest, from the eigenvalues of
+    the r x r Gram matrix J J^T (cheaper than an SVD; resolves sigma_min / sigma_max down to ~1e-7)."""
+    if J.shape[0] == 0:
+        return 0
+    ev = torch.linalg.eigvalsh(J @ J.T)
+    return int((ev > (rcond ** 2) * float(ev.max().clamp(min=0))).sum()) if float(ev.max()) > 0 else 0
 
 
 def _check_multipliers(name: str, given: Optional[Tensor], count: int, like: Tensor, what: str) -> Optional[Tensor]:
@@ -148,6 +165,12 @@ def analyze(problem: ConstrainedProblem, params: Sequence[Tensor], hparams: Sequ
     multiplier, or a constraint with multiplier and slack both large), and
     :class:`DegenerateConstraintError` for degenerate constraints under ``degenerate="error"``.
     """
+    report, mu, nu, _ = _analyze(problem, params, hparams, mu, nu, degenerate, rtol, atol, kkt_tol, warn)
+    return report, mu, nu
+
+
+def _analyze(problem, params, hparams, mu, nu, degenerate, rtol, atol, kkt_tol, warn):
+    """:func:`analyze`, also returning the Jacobian of [p_A; q] w.r.t. the flattened params."""
     if degenerate not in POLICIES:
         raise ValueError(f"degenerate must be one of {POLICIES}, got {degenerate!r}")
     if not (rtol >= 0 and atol >= 0):
@@ -166,7 +189,7 @@ def analyze(problem: ConstrainedProblem, params: Sequence[Tensor], hparams: Sequ
         mu = _check_multipliers("mu", mu, m, y[0], "inequality")
         nu = _check_multipliers("nu", nu, k, y[0], "equality")
         grad_g = tl.flatten(tl.grad_or_zeros(g, y))
-        Jp, Jq = jacobian(p, y), jacobian(q, y)
+    Jp, Jq = jacobian(lambda v: problem.p(v, x), y), jacobian(lambda v: problem.q(v, x), y)
     p = None if p is None else p.detach()
     q = None if q is None else q.detach()
     dt = y[0].dtype
@@ -231,7 +254,7 @@ def analyze(problem: ConstrainedProblem, params: Sequence[Tensor], hparams: Sequ
     inactive_idx = torch.nonzero(~active).flatten()
 
     J = torch.cat([Jp[active_idx], Jq], dim=0)
-    rank = int(torch.linalg.matrix_rank(J)) if J.shape[0] > 0 else 0
+    rank = numerical_rank(J)
     licq = rank == J.shape[0]
     if not licq:
         notes.append(f"LICQ fails: {J.shape[0]} active/equality constraints but their gradients have rank {rank}; "
@@ -240,7 +263,7 @@ def analyze(problem: ConstrainedProblem, params: Sequence[Tensor], hparams: Sequ
             warnings.warn(notes[-1], LICQWarning, stacklevel=3)
     report = KKTReport(m, k, active_idx, inactive_idx, degen_idx, degenerate, licq, rank, stat, stat_rel, feas,
                        comp, dual, tau_mu, tau_s, notes)
-    return report, mu, nu
+    return report, mu, nu, J
 
 
 def kkt_map(problem: ConstrainedProblem, params: Sequence[Tensor], hparams: Sequence[Tensor],
@@ -255,22 +278,18 @@ def kkt_map(problem: ConstrainedProblem, params: Sequence[Tensor], hparams: Sequ
     """
     if not (isinstance(eta, (int, float)) and eta > 0):
         raise ValueError(f"eta must be a positive scalar (only a scalar keeps I - dPhi/dw symmetric), got {eta!r}")
-    report, mu, nu = analyze(problem, params, hparams, mu, nu, degenerate=degenerate, rtol=rtol, atol=atol,
-                             kkt_tol=kkt_tol)
+    report, mu, nu, J = _analyze(problem, params, hparams, mu, nu, degenerate, rtol, atol, kkt_tol, True)
     w = [t.detach().clone() for t in params]
     if len(report.active) > 0:
         w.append(mu[report.active].clone())
     if nu is not None:
         w.append(nu.clone())
-    km = KKTMap(None, w, report, len(params), mu)
-    index = report.active
+    km = KKTMap(None, w, report, len(params), mu, problem, float(eta), J)
 
     def fp_map(w_: List[Tensor], hparams_: List[Tensor]) -> List[Tensor]:
         with torch.enable_grad():
             wg = [t if t.requires_grad else t.detach().requires_grad_(True) for t in w_]
-            y, mu_a, nu_ = km.unpack(wg)
-            L = problem.lagrangian(y, hparams_, mu_a, nu_, index=index)
-            grads = tl.grad_or_zeros(L, wg, create_graph=True)
+            grads = tl.grad_or_zeros(km.lagrangian(wg, hparams_), wg, create_graph=True)
         return [t - eta * gr for t, gr in zip(wg, grads)]
 
     km.fp_map = fp_map
