@@ -210,6 +210,7 @@ def solve_minres(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: float =
         return x, SolveInfo("minres", its, mon.residual, True)
     zero = 0.0 if S.host else torch.zeros_like(beta)
     eps = torch.finfo(b[0].dtype).eps
+    noise, sym_tol = eps ** 0.5, 1e-6 * (eps / 2.2e-16) ** 0.5  # 1.5e-8 and 1e-6 in float64
     y, r2 = r1, r1
     oldb, dbar, epsln, phibar, cs, sn = zero, zero, zero, beta, zero - 1.0, zero
     w, w2 = tl.zeros_like(b), tl.zeros_like(b)
@@ -221,7 +222,7 @@ def solve_minres(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: float =
         if k > 0:
             gap = (S.dot(v_prev, y) - beta) / (S.sqrt(S.dot(y, y)) + beta)
             # past convergence the Lanczos vectors are rounding noise: stop checking there
-            asym = S.abs_max(S.select(phibar > 1e-8 * mon.r0, gap, zero), asym)
+            asym = S.abs_max(S.select(phibar > noise * mon.r0, gap, zero), asym)
             y = tl.axpy(-S.div(beta, oldb), r1, y)
         alfa = S.dot(v, y)
         y = tl.axpy(-S.div(alfa, beta), r2, y)
@@ -240,7 +241,7 @@ def solve_minres(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: float =
         x = tl.axpy(phi, w, x)
         converged = mon.check(k + 1, phibar, force=(k + 1 == maxiter))
         if (k + 1) % mon.every == 0 or converged or k + 1 == maxiter:
-            if _read(asym) > 1e-6:
+            if _read(asym) > sym_tol:
                 raise BreakdownError(f"minres needs a symmetric operator, but <u, A v> != <A u, v> (relative "
                                      f"gap {_read(asym):.1e} at iteration {k + 1}); use solver='gmres'")
         if converged:
