@@ -13,9 +13,11 @@ Classification is two-sided and scale-aware. Each inequality gets a *force* mu_i
 share of the stationarity balance, compared with the force scale F = max(||grad_y g||, ||J_p^T mu||,
 ||J_q^T nu||, max force)) and a *distance* -p_i / ||grad_y p_i|| (to its boundary in y-space, compared
 with D = max(||y||_inf, median distance)). With tau_mu = rtol F + atol and tau_s = rtol D + atol:
-active (force > tau_mu, |distance| <= tau_s), inactive (|force| <= tau_mu, distance > tau_s),
-degenerate (both <= tau), and inconsistent (both large, a negative multiplier, a violated constraint):
-an error, since then the pair is not a KKT point.
+degenerate (|force| <= tau_mu and |distance| <= tau_s); otherwise active when force / tau_mu exceeds
+distance / tau_s (the multiplier is the larger of the two, relative to its own scale), else inactive.
+Inconsistent (an error, the pair is not a KKT point): both above ``big`` x their thresholds (default
+1000, i.e. 1e-3 of the scales: room for an inner solver's accuracy), a multiplier below -tau_mu, or a
+constraint violated by more than tau_s.
 """
 from __future__ import annotations
 
@@ -169,7 +171,7 @@ def analyze(problem: ConstrainedProblem, params: Sequence[Tensor], hparams: Sequ
     return report, mu, nu
 
 
-def _analyze(problem, params, hparams, mu, nu, degenerate, rtol, atol, kkt_tol, warn):
+def _analyze(problem, params, hparams, mu, nu, degenerate, rtol, atol, kkt_tol, warn, big=1e3):
     """:func:`analyze`, also returning the Jacobian of [p_A; q] w.r.t. the flattened params."""
     if degenerate not in POLICIES:
         raise ValueError(f"degenerate must be one of {POLICIES}, got {degenerate!r}")
@@ -223,7 +225,7 @@ def _analyze(problem, params, hparams, mu, nu, degenerate, rtol, atol, kkt_tol, 
     small_f, small_d = force.abs() <= tau_mu, dist.abs() <= tau_s
     for bad, vals, label in ((force < -tau_mu, mu_v, "negative multiplier mu_i"),
                              (dist < -tau_s, p_v, "violated inequality p_i > 0"),
-                             ((force > tau_mu) & (dist > tau_s), mu_v * p_v,
+                             ((force > big * tau_mu) & (dist > big * tau_s), mu_v * p_v,
                               "complementarity fails (mu_i and -p_i both large; mu_i p_i shown)")):
         if bool(bad.any()):
             problems.append(_list_bad(bad, vals, label))
@@ -237,7 +239,7 @@ def _analyze(problem, params, hparams, mu, nu, degenerate, rtol, atol, kkt_tol, 
                        f" [thresholds: multiplier force {tau_mu:.2e}, slack distance {tau_s:.2e}]")
 
     degen = small_f & small_d
-    active = (force > tau_mu) & small_d
+    active = ~degen & (force / tau_mu > dist / tau_s)
     degen_idx = torch.nonzero(degen).flatten()
     notes = []
     if len(degen_idx) > 0:

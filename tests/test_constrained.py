@@ -33,10 +33,12 @@ QP_CASES = [dict(n=8, m=6, k=2, d=3, n_active=3, seed=0), dict(n=12, m=10, k=0, 
 
 @pytest.mark.parametrize("case", QP_CASES)
 @pytest.mark.parametrize("solver", ["dense", "minres", "auto"])
-def test_planted_qp_matches_exact_formula(case, solver):
+@pytest.mark.parametrize("materialize", [True, False])
+def test_planted_qp_matches_exact_formula(case, solver, materialize):
+    """Both operator paths: K materialized once (LU / core Krylov on mat-vecs) and matrix-free (core)."""
     qp = planted_qp(**case)
     res = hg(qp_problem(qp), [qp.y], [leaf(qp.x)], qp.outer_loss, qp.mu, qp.nu if case["k"] else None,
-             solver=solver)
+             solver=solver, materialize=materialize)
     assert res.report.active.tolist() == qp.active.tolist()
     assert rel_err(res.grads[0], qp.exact_hypergrad()) <= 1e-8
     assert res.converged
@@ -46,6 +48,22 @@ def test_cg_normaleq_on_planted_qp():
     qp = planted_qp(**QP_CASES[0])
     res = hg(qp_problem(qp), [qp.y], [leaf(qp.x)], qp.outer_loss, qp.mu, qp.nu, solver="cg_normaleq")
     assert rel_err(res.grads[0], qp.exact_hypergrad()) <= 1e-7
+
+
+def test_callables_without_torch_func_support_fall_back_to_matrix_free():
+    """A NumPy round trip (here a sanity check) breaks torch.func: the matrix-free path takes over."""
+    import numpy as np
+
+    qp = planted_qp(**QP_CASES[0])
+
+    def ineq(params, hparams):
+        assert np.isfinite(params[0].detach().numpy()).all()
+        return qp.G @ params[0] - qp.h - qp.E @ hparams[0]
+
+    km = C.kkt_map(C.ConstrainedProblem(qp.objective, ineq, qp.eq), [qp.y], [qp.x], qp.mu, qp.nu)
+    assert C.hypergradients.materialize_kkt(km, [qp.x]) is None
+    res = hg(C.ConstrainedProblem(qp.objective, ineq, qp.eq), [qp.y], [leaf(qp.x)], qp.outer_loss, qp.mu, qp.nu)
+    assert rel_err(res.grads[0], qp.exact_hypergrad()) <= 1e-8
 
 
 def test_exact_formula_matches_central_differences():
@@ -303,13 +321,16 @@ def test_duplicated_constraints_warn_and_keep_the_primal_part():
     mu[i] = 0.3 * qp.mu[i]
     mu[-1] = 0.7 * qp.mu[i]  # any split of the multiplier is a KKT point
     ref = qp.exact_hypergrad()
-    for solver in ("auto", "minres"):
+    for solver, materialize in (("auto", None), ("minres", True), ("minres", False)):
         with pytest.warns(C.LICQWarning, match="LICQ"):
-            res = hg(qp_problem(dup), [qp.y], [leaf(qp.x)], qp.outer_loss, mu, qp.nu, solver=solver)
+            res = hg(qp_problem(dup), [qp.y], [leaf(qp.x)], qp.outer_loss, mu, qp.nu, solver=solver,
+                     materialize=materialize)
         assert res.solver == "minres" and not res.report.licq
         assert rel_err(res.grads[0], ref) <= 1e-8
-    with pytest.warns(C.LICQWarning), pytest.raises(SingularSystemError):
-        hg(qp_problem(dup), [qp.y], [leaf(qp.x)], qp.outer_loss, mu, qp.nu, solver="dense")
+    for materialize in (True, False):
+        with pytest.warns(C.LICQWarning), pytest.raises(SingularSystemError):
+            hg(qp_problem(dup), [qp.y], [leaf(qp.x)], qp.outer_loss, mu, qp.nu, solver="dense",
+               materialize=materialize)
 
 
 def test_lp_lower_level_singular_hessian_nonsingular_kkt():
@@ -319,14 +340,47 @@ def test_lp_lower_level_singular_hessian_nonsingular_kkt():
     ref = qp.exact_hypergrad()
     assert torch.linalg.matrix_rank(qp.kkt_matrix()) == 10
     for solver in ("dense", "minres", "auto"):
-        res = hg(qp_problem(qp), [qp.y], [leaf(qp.x)], qp.outer_loss, qp.mu, qp.nu, solver=solver)
-        assert rel_err(res.grads[0], ref) <= 1e-8
-    try:
-        res = hg(qp_problem(qp), [qp.y], [leaf(qp.x)], qp.outer_loss, qp.mu, qp.nu, solver="cg")
-    except HypergradError as e:
-        assert "cg" in str(e)
-    else:
-        assert bool(torch.isfinite(res.grads[0]).all()) and rel_err(res.grads[0], ref) <= 1e-8
+        for materialize in (True, False):
+            res = hg(qp_problem(qp), [qp.y], [leaf(qp.x)], qp.outer_loss, qp.mu, qp.nu, solver=solver,
+                     materialize=materialize)
+            assert rel_err(res.grads[0], ref) <= 1e-8
+    for materialize in (True, False):
+        try:
+            res = hg(qp_problem(qp), [qp.y], [leaf(qp.x)], qp.outer_loss, qp.mu, qp.nu, solver="cg",
+                     materialize=materialize)
+        except HypergradError as e:
+            assert "cg" in str(e)
+        else:
+            assert bool(torch.isfinite(res.grads[0]).all()) and rel_err(res.grads[0], ref) <= 1e-8
+
+
+def test_svm_bias_singular_hessian_against_cvxpylayers():
+    """Squared-hinge SVM with an unregularized bias b: the Hessian in (w, b, xi) is singular in b, K is
+    not. Reference: cvxpylayers' derivative w.r.t. the per-sample weights."""
+    import cvxpy as cp
+
+    g = torch.Generator().manual_seed(3)
+    n, d = 14, 3
+    X = torch.randn(n, d, generator=g, dtype=DT)
+    yl = torch.sign(X[:, 0] + 0.5 * torch.randn(n, generator=g, dtype=DT))
+    w, b, xi, s = cp.Variable(d), cp.Variable(), cp.Variable(n), cp.Parameter(n, nonneg=True)
+    cons = [1 - xi - cp.multiply(yl.numpy(), X.numpy() @ w + b) <= 0]
+    prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(w) + 0.5 * cp.sum_squares(cp.multiply(s, xi))), cons)
+    tp = C.ConstrainedProblem(lambda p, h: 0.5 * (p[0] ** 2).sum() + 0.5 * (torch.exp(h[0]) * p[2] ** 2).sum(),
+                              lambda p, h: 1 - p[2] - yl * (X @ p[0] + p[1]))
+    Xv, yv = torch.randn(6, d, generator=g, dtype=DT), torch.sign(torch.randn(6, generator=g, dtype=DT))
+
+    def loss(p, h):
+        return torch.sigmoid(-yv * (Xv @ p[0] + p[1])).mean()
+
+    c = leaf(0.3 * torch.randn(n, generator=g, dtype=DT))
+    sol = C.DualLayer(prob, [s], [w, b, xi], ineq=cons)(torch.exp(c / 2))
+    ref, = torch.autograd.grad(loss(sol.params, [c]), c)
+    params = [t.detach() for t in sol.params]
+    for solver in ("dense", "minres"):
+        res = hg(tp, params, [c], loss, sol.mu.detach(), solver=solver)
+        assert rel_err(res.grads[0], ref) <= 1e-5
+        assert 0 < len(res.report.active) < n
 
 
 # ---------------------------------------------------------------- batches through cvxpylayers
@@ -408,3 +462,20 @@ def test_bad_input_raises_clear_errors_and_caller_tensors_untouched():
     assert torch.allclose(x.grad, res.grads[0])  # set_grad accumulates into .grad
     C.hypergradient(tp, [qp.y], [x], qp.outer_loss, qp.mu, qp.nu)
     assert torch.allclose(x.grad, 2 * res.grads[0])
+
+
+# ---------------------------------------------------------------- example and benchmark run (quick modes)
+def test_svm_example_and_benchmark_quick_modes(tmp_path):
+    import importlib.util
+    import os
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    loaded = {}
+    for name in ("examples/svm_hyperparameters.py", "benchmarks/bench_constrained.py"):
+        spec = importlib.util.spec_from_file_location(name.replace("/", "_")[:-3], os.path.join(root, name))
+        loaded[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(loaded[name])
+    log, check = loaded["examples/svm_hyperparameters.py"].main(["--tiny", "--out", str(tmp_path)])
+    assert check["rel_diff"] < 1e-4 and len(log) == 4 and (tmp_path / "svm_hyperparameters.png").exists()
+    head = loaded["benchmarks/bench_constrained.py"].main(["--quick", "--repeats", "1", "--out", str(tmp_path)])
+    assert head["ours_rel_err"] <= 1e-6 and (tmp_path / "bench_constrained.csv").exists()
