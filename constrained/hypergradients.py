@@ -23,7 +23,7 @@ from torch import Tensor
 
 import hypergrad
 from hypergrad import tensor_list as tl
-from hypergrad.errors import SingularSystemError
+from hypergrad.linear_solvers import solve_matrix
 
 from .errors import NotConvergedWarning
 from .kkt import KKTMap, KKTReport, kkt_map
@@ -89,43 +89,11 @@ def materialize_kkt(km: KKTMap, hparams: Sequence[Tensor]) -> Optional[Tensor]:
     return K
 
 
-def inverse_norm1_estimate(LU: Tensor, pivots: Tensor, iters: int = 5) -> float:
-    """Hager's estimate of ||A^-1||_1 from an LU factorization (a few O(n^2) solves, a lower bound)."""
-    n = LU.shape[0]
-    x = torch.full((n, 1), 1.0 / n, dtype=LU.dtype, device=LU.device)
-    est = 0.0
-    for _ in range(iters):
-        y = torch.linalg.lu_solve(LU, pivots, x)
-        est = float(y.abs().sum())
-        z = torch.linalg.lu_solve(LU, pivots, torch.sign(y) + (y == 0), adjoint=True)
-        j = int(z.abs().argmax())
-        if float(z.abs()[j]) <= float((z * x).sum()):
-            break
-        x = torch.zeros_like(x)
-        x[j] = 1.0
-    return est
-
-
-def solve_lu(A: Tensor, b: Sequence[Tensor]) -> tuple:
-    """x = A^-1 b by LU; :class:`SingularSystemError` when cond_1(A) >= 1 / (n eps) (the core's criterion)."""
-    n = A.shape[0]
-    LU, pivots, info = torch.linalg.lu_factor_ex(A)
-    cond = float("inf") if int(info) != 0 else float(torch.linalg.matrix_norm(A, 1)) * inverse_norm1_estimate(LU, pivots)
-    if not cond < 1.0 / (n * torch.finfo(A.dtype).eps):
-        raise SingularSystemError(f"dense: the KKT matrix is singular (condition number estimate {cond:.3e}); "
-                                  "the hypergradient is not defined at this point (LICQ or second-order "
-                                  "sufficiency fails): use solver='minres' for a least-squares adjoint")
-    flat_b = tl.flatten(b)
-    x = torch.linalg.lu_solve(LU, pivots, flat_b[:, None])[:, 0]
-    res = float(torch.linalg.norm(A @ x - flat_b))
-    return tl.unflatten(x, b), hypergrad.SolveInfo("dense", 1, res, True)
-
-
 def solve_materialized(km: KKTMap, Kmat: Tensor, hparams: Sequence[Tensor], loss_w, solver: str, *,
                        K: Optional[int], tol: float, rtol: float, v0, set_grad: bool) -> hypergrad.HypergradResult:
     """The core's recipe (outer gradients, one solve of (I - dPhi/dw)^T v = dE/dw, one VJP w.r.t. hparams)
     with the operator eta K applied as a dense matrix instead of a VJP through Phi: "dense" by
-    :func:`solve_lu`, the Krylov solvers by the core's :data:`hypergrad.SOLVERS` with plain mat-vecs."""
+    :func:`hypergrad.linear_solvers.solve_matrix`, the Krylov solvers by the core's :data:`hypergrad.SOLVERS` with plain mat-vecs."""
     hparams = tl.as_tensor_list(hparams, "hparams")
     tl.check_hparams(hparams)
     A = km.eta * Kmat
@@ -141,7 +109,7 @@ def solve_materialized(km: KKTMap, Kmat: Tensor, hparams: Sequence[Tensor], loss
             return tl.unflatten(A @ tl.flatten(u), u)
 
         if solver == "dense":
-            v, info = solve_lu(A, g_w)
+            v, info = solve_matrix(A, g_w)
         else:
             options = dict(maxiter=10 * n + 100 if K is None else K, tol=tol, rtol=rtol)
             if solver == "cg_normaleq":
