@@ -133,3 +133,22 @@ def test_stoch_aid_deterministic_matches_reference():
     grads, _ = hg.stoch_AID([p["w_star"]], [p["lam"]], p["outer_loss"], 400, inner_loss=p["inner_loss"],
                             optim_build=build, set_grad=False, verbose=False)
     assert rel_err(grads[0], p["ref"]) <= 1e-10
+
+
+@pytest.mark.parametrize("cond", [10.0, 1e4, 1e8])
+@pytest.mark.parametrize("rtol", [1e-4, 1e-8, 1e-12])
+def test_cg_converged_means_true_residual_below_tolerance(cond, rtol):
+    """Whether CG confirms with a true residual or trusts the recurrence (rounding bound), a result
+    marked converged has ||b - A x|| <= rtol ||b||, computed here independently."""
+    from hypergrad.linear_solvers import solve_cg
+    gen = torch.Generator().manual_seed(7)
+    n = 60
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=DT))
+    A = Q @ torch.diag(torch.logspace(0, torch.log10(torch.tensor(cond)).item(), n, dtype=DT)) @ Q.T
+    b = torch.randn(n, generator=gen, dtype=DT)
+    x, info = solve_cg(lambda u: [A @ u[0]], [b], maxiter=2000, tol=0.0, rtol=rtol)
+    true_res = (b - A @ x[0]).norm().item()
+    if info.converged:
+        assert true_res <= rtol * b.norm().item()
+    else:
+        assert rtol < 1e3 * cond * torch.finfo(DT).eps  # only unattainable accuracies may fail
