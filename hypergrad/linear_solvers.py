@@ -171,14 +171,13 @@ def solve_cg(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: float = 1e-
     hint = "; the system may be indefinite or non-symmetric: try solver='minres' or 'gmres'"
     broke = False if S.host else torch.zeros((), dtype=torch.bool, device=b[0].device)
     p, k, converged = r, 0, False
-    a_scale = 0.0  # max 1/|alpha_k| = |p^T A p| / r^T r: the scale of A seen so far (host path only)
+    a_scale = 0.0 if S.host else torch.zeros_like(rr)  # max 1/|alpha_k| = |p^T A p| / r^T r: A's scale
     while k < maxiter:
         Ap = matvec(p)
         its, k = its + 1, k + 1
         pAp = S.dot(p, Ap)
         broke = broke | ((pAp == 0) & (rr > 0))
-        if S.host and rr > 0:
-            a_scale = max(a_scale, abs(pAp) / rr)
+        a_scale = S.abs_max(S.div(pAp, rr), a_scale)
         if (k % mon.every == 0 or k == maxiter) and bool(broke):
             raise BreakdownError(f"cg broke down at iteration {k}: p^T A p = 0 with a nonzero residual{hint}")
         alpha = S.div(rr, pAp)
@@ -186,8 +185,8 @@ def solve_cg(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: float = 1e-
         r = tl.axpy(-alpha, Ap, r)
         rr_new = S.dot(r, r)
         if mon.check(k, S.sqrt(rr_new), force=(k == maxiter), hint=hint):
-            if S.host and _drift_negligible(its, a_scale, x, b, mon.threshold):
-                converged = True
+            if S.host and _rounding_floor(its, a_scale, x, b) <= 0.1 * mon.threshold:
+                converged = True  # the recurrence cannot have drifted: no confirming product needed
                 break
             r = tl.sub(b, matvec(x))  # confirm with the true residual
             its += 1
@@ -197,17 +196,19 @@ def solve_cg(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: float = 1e-
                 break
             p, rr = r, rr_new  # restart from the true residual
             continue
+        if (k % mon.every == 0 and mon.residual < 1e-3 * mon.r0
+                and mon.residual <= _rounding_floor(its, _read(a_scale), x, b) / 10):
+            break  # stagnation at rounding level: more steps cannot help and, on singular A, blow up
         p = tl.axpy(S.div(rr_new, rr), p, r)
         rr = rr_new
     return x, SolveInfo("cg", its, mon.residual, converged)
 
 
-def _drift_negligible(its: int, a_scale: float, x, b, threshold: float) -> bool:
-    """Whether the rounding drift bound 10 k eps (||A|| ||x|| + ||b||) is below threshold / 10, with
-    ||A|| estimated by 10 max_k 1/|alpha_k| (a Rayleigh-quotient scale, hence the safety factor)."""
+def _rounding_floor(its: int, a_scale: float, x, b) -> float:
+    """Greenbaum's bound on the gap between CG's recurrence and true residuals, 10 k eps (||A|| ||x|| +
+    ||b||), with ||A|| estimated by 10 max_k 1/|alpha_k| (a Rayleigh-quotient scale: safety factor)."""
     eps = torch.finfo(b[0].dtype).eps
-    bound = 10 * its * eps * (10 * a_scale * tl.norm(x).item() + tl.norm(b).item())
-    return bound <= 0.1 * threshold
+    return 10 * its * eps * (10 * a_scale * _read(tl.norm(x)) + _read(tl.norm(b)))
 
 
 def solve_minres(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: float = 1e-10,

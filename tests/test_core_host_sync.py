@@ -11,7 +11,7 @@ from hypergrad.linear_solvers import SOLVERS
 def _spd(n=30, seed=0):
     g = torch.Generator().manual_seed(seed)
     Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
-    return Q @ torch.diag(torch.linspace(0.2, 1.0, n, dtype=torch.float64)) @ Q.T
+    return Q @ torch.diag(torch.logspace(-3, 0, n, dtype=torch.float64)) @ Q.T  # slow: 40 steps stay busy
 
 
 @pytest.mark.parametrize("solver", ["cg", "minres", "gmres", "fixed_point", "neumann"])
@@ -33,4 +33,4 @@ def test_host_reads_scale_with_checks_not_iterations(solver, monkeypatch):
     assert reads["n"] <= 4 * checks + 8, reads  # a few reads per check, none per iteration
     monkeypatch.undo()
     assert torch.isfinite(x[0]).all()
-    assert (M @ x[0] - b[0]).norm() < (b[0].norm() if solver in ("fixed_point", "neumann") else 1e-6)
+    assert (M @ x[0] - b[0]).norm() < b[0].norm()

@@ -152,3 +152,22 @@ def test_cg_converged_means_true_residual_below_tolerance(cond, rtol):
         assert true_res <= rtol * b.norm().item()
     else:
         assert rtol < 1e3 * cond * torch.finfo(DT).eps  # only unattainable accuracies may fail
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cg_on_singular_consistent_system_stops_at_rounding_level(dtype):
+    """A singular PSD A (a softmax bias direction, an unregularized intercept) with b in its range:
+    past the attainable accuracy, plain CG amplifies rounding noise in the null space and its residual
+    grows by orders of magnitude (seen in float32). CG must stop at the rounding floor instead."""
+    from hypergrad.linear_solvers import solve_cg
+    gen = torch.Generator().manual_seed(0)
+    n = 18
+    B = torch.randn(n, n - 3, generator=gen, dtype=torch.float64)
+    A = (B @ B.T / n).to(dtype)  # rank n - 3
+    b = A @ torch.randn(n, generator=gen, dtype=dtype)  # consistent
+    x, info = solve_cg(lambda u: [A @ u[0]], [b], maxiter=200, tol=0.0)
+    assert torch.isfinite(x[0]).all()
+    eps = torch.finfo(dtype).eps
+    true_res = (b - A @ x[0]).norm().item()
+    assert true_res <= 1e3 * eps * b.norm().item() * n, (true_res, info)
+    assert info.iterations < 200
