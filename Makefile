@@ -15,13 +15,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/logistic_regression_hpo.py
+	$(PY) examples/hyper_cleaning.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_core.py
+	$(PY) benchmarks/bench_core.py && $(PY) benchmarks/bench_constrained.py && $(PY) benchmarks/bench_methods.py
 
 clean:
 	rm -rf $(VENV)
