@@ -27,10 +27,12 @@ import torch.nn.functional as F
 import hypergrad as hg
 
 
-def logreg(n, d, dtype, seed=0):
-    """L2-regularized logistic regression with per-feature weights e^lam; validation loss as E."""
+def logreg(n, d, dtype, seed=0, col_scale_decades=0.0):
+    """L2-regularized logistic regression with per-feature weights e^lam; validation loss as E.
+    ``col_scale_decades`` > 0 scales the feature columns from 1 down to 10^-decades (ill-conditioning)."""
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(n, d, generator=g, dtype=dtype) / d ** 0.5
+    X = X * torch.logspace(0, -col_scale_decades, d, dtype=dtype)
     w_true = torch.randn(d, generator=g, dtype=dtype)
     y = (X @ w_true + 0.1 * torch.randn(n, generator=g, dtype=dtype) > 0).to(dtype)
     Xv = torch.randn(n // 2, d, generator=g, dtype=dtype) / d ** 0.5
@@ -57,13 +59,19 @@ def _time(fn, repeats):
 def bench_cost(dims, repeats, dtype=torch.float32, K=20):
     rows = []
     for d in dims:
-        inner, outer = logreg(2000, d, dtype)
+        # columns scaled over 2 decades: 20 CG iterations stay far from convergence, so both sides do
+        # exactly K products (CG stops early at the rounding floor on well-conditioned problems)
+        inner, outer = logreg(2000, d, dtype, col_scale_decades=2.0)
         lam = torch.full((d,), -2.0, dtype=dtype, requires_grad=True)
         w = torch.randn(d, dtype=dtype) * 0.1
         fp = hg.GradientDescent(inner, 1.0)
 
         def ours():
             hg.cg([w], [lam], K, fp, outer, tol=0.0, set_grad=False)
+
+        its = hg.hypergradient([w], [lam], fp, outer, solver="cg", K=K, tol=0.0, set_grad=False).iterations
+        if its != K:
+            raise RuntimeError(f"cg did {its} products instead of {K}: the comparison would be unfair")
 
         def raw_hvp():
             wl = w.detach().requires_grad_(True)

@@ -170,7 +170,7 @@ def solve_cg(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: float = 1e-
         return x, SolveInfo("cg", its, mon.residual, True)
     hint = "; the system may be indefinite or non-symmetric: try solver='minres' or 'gmres'"
     broke = False if S.host else torch.zeros((), dtype=torch.bool, device=b[0].device)
-    p, k, converged = r, 0, False
+    p, k, converged, last_checked = r, 0, False, mon.r0
     a_scale = 0.0 if S.host else torch.zeros_like(rr)  # max 1/|alpha_k| = |p^T A p| / r^T r: A's scale
     while k < maxiter:
         Ap = matvec(p)
@@ -196,9 +196,12 @@ def solve_cg(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: float = 1e-
                 break
             p, rr = r, rr_new  # restart from the true residual
             continue
-        if (k % mon.every == 0 and mon.residual < 1e-3 * mon.r0
-                and mon.residual <= _rounding_floor(its, _read(a_scale), x, b) / 10):
-            break  # stagnation at rounding level: more steps cannot help and, on singular A, blow up
+        if k % mon.every == 0:
+            if (mon.residual > 0.5 * last_checked and mon.residual < 1e-3 * mon.r0
+                    and mon.residual <= _rounding_floor(its, _read(a_scale), x, b) / 100):
+                break  # stalled at the rounding level (the bound without its safety factors): more steps
+                # cannot help, and on a singular A they amplify rounding noise in the null space
+            last_checked = mon.residual
         p = tl.axpy(S.div(rr_new, rr), p, r)
         rr = rr_new
     return x, SolveInfo("cg", its, mon.residual, converged)

@@ -47,6 +47,7 @@ def test_tiny_run_every_method_ranks_corrupted_samples_lower(tmp_path):
     for r in rows:
         assert r["lam_corrupted"] < r["lam_clean"], r["method"]  # corrupted samples get smaller weights
         assert 0 <= r["f1"] <= 1 and 0.3 < r["test_acc"] <= 1 and r["sec_per_iter"] > 0
+        assert 0.3 < r["test_acc_retrained"] <= 1
     with open(tmp_path / "hyper_cleaning.csv") as fh:
         table = list(csv.DictReader(fh))
     assert [t["method"] for t in table] == hc.METHODS
