@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import tensor_list as tl
-from .linear_solvers import SOLVERS, SolveInfo
+from .linear_solvers import SOLVERS
 
 FpMap = Callable[[List[Tensor], List[Tensor]], List[Tensor]]
 OuterLoss = Callable[[List[Tensor], List[Tensor]], Tensor]

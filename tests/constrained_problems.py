@@ -5,7 +5,6 @@ Nothing here imports ``constrained``: the references are computed from the KKT l
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 

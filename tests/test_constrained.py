@@ -4,7 +4,6 @@ References: the exact QP formula (K v = [grad_y E; 0; 0] solved densely in the t
 differences of re-solved problems, closed forms (box, simplex, ball projections), one-sided differences
 at degenerate points, and cvxpylayers (SCS at eps=1e-10). All float64.
 """
-import warnings
 
 import pytest
 import torch

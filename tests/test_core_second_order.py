@@ -10,7 +10,7 @@ from core_problems import DT, rel_err, ridge
 def _formula(p, lam, mu):
     """g(lam, mu) = dE/d(lam, mu) + (dPhi/d(lam, mu))^T (I - dPhi/dw)^-T dE/dw at fixed w = w*,
     for Phi = w - s (X^T (X w - y) + e^lam w) and E = 1/2 ||Xv w - yv||^2 + 1/2 ||mu * w||^2."""
-    X, y, w, s = p["X"], p["y"], p["w_star"], p["step"]
+    X, w, s = p["X"], p["w_star"], p["step"]
     A = s * (X.T @ X + torch.diag(torch.exp(lam)))  # I - dPhi/dw
     gw = p["Xv"].T @ (p["Xv"] @ w - p["yv"]) + mu ** 2 * w
     v = torch.linalg.solve(A.T, gw)

@@ -5,7 +5,7 @@ import torch
 
 import methods
 from hypergrad.errors import NonFiniteError
-from methods_problems import DT, Vec, mlp_problem, quadratic, quadratic_objectives, rel_err
+from methods_problems import Vec, mlp_problem, quadratic, quadratic_objectives, rel_err
 
 
 def danskin(f, F, x, y, z, mu1, mu2, tau):

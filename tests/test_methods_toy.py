@@ -2,7 +2,6 @@
 closed form (methods_problems.toy). The paper claims BVFIM reaches the optimum from starts where RAD and
 CG stall. What we measured and test here: from (x0, y0) = (4, 4) BVFIM reaches x* while RAD and Implicit
 stall at a stationary point of another lower-solution branch; from (0, 0) all three stall (BVFIM too)."""
-import pytest
 import torch
 
 import methods
