@@ -100,3 +100,23 @@ def test_not_converged_is_reported():
     r = hg.hypergradient([p["w_star"]], [p["lam"]], gd, p["outer_loss"], solver="fixed_point", K=3,
                          set_grad=False)
     assert not r.converged and r.iterations == 2 and r.residual > 1e-10
+
+
+@pytest.mark.parametrize("fn,K", [(hg.CG, 30), (hg.fixed_point, 600)])
+def test_stochastic_flag_re_evaluates_the_map(fn, K):
+    """stochastic=True re-evaluates fp_map at every product (hypertorch semantics): count the calls,
+    and with a deterministic map the result is the same as without the flag."""
+    p = ridge(cond=None)
+    gd = hg.GradientDescent(p["inner_loss"], p["step"])
+    calls = {"n": 0}
+
+    def counted(params, hparams):
+        calls["n"] += 1
+        return gd(params, hparams)
+
+    g = fn([p["w_star"]], [p["lam"]], K, counted, p["outer_loss"], tol=1e-13, set_grad=False, stochastic=True)
+    assert rel_err(g[0], p["ref"]) <= 1e-10
+    assert calls["n"] >= 5  # one evaluation per product, not one per call
+    calls["n"] = 0
+    fn([p["w_star"]], [p["lam"]], K, counted, p["outer_loss"], tol=1e-13, set_grad=False)
+    assert calls["n"] == 1
