@@ -23,7 +23,6 @@ from torch import Tensor
 
 import hypergrad
 from hypergrad import tensor_list as tl
-from hypergrad.linear_solvers import solve_matrix
 
 from .errors import NotConvergedWarning
 from .kkt import KKTMap, KKTReport, kkt_map
@@ -91,38 +90,14 @@ def materialize_kkt(km: KKTMap, hparams: Sequence[Tensor]) -> Optional[Tensor]:
 
 def solve_materialized(km: KKTMap, Kmat: Tensor, hparams: Sequence[Tensor], loss_w, solver: str, *,
                        K: Optional[int], tol: float, rtol: float, v0, set_grad: bool) -> hypergrad.HypergradResult:
-    """The core's recipe (outer gradients, one solve of (I - dPhi/dw)^T v = dE/dw, one VJP w.r.t. hparams)
-    with the operator eta K applied as a dense matrix instead of a VJP through Phi: "dense" by
-    :func:`hypergrad.linear_solvers.solve_matrix`, the Krylov solvers by the core's :data:`hypergrad.SOLVERS` with plain mat-vecs."""
-    hparams = tl.as_tensor_list(hparams, "hparams")
-    tl.check_hparams(hparams)
-    A = km.eta * Kmat
-    n = A.shape[0]
-    with torch.enable_grad():
-        w = tl.detached_leaves(km.w)
-        loss = tl.scalar_loss(loss_w, w, hparams, "outer_loss(params, hparams)")
-        g = tl.grad_or_zeros(loss, w + hparams)
-        g_w, g_h = g[:len(w)], g[len(w):]
-        tl.assert_finite(g, "the gradient of outer_loss")
-
-        def matvec(u: List[Tensor]) -> List[Tensor]:
-            return tl.unflatten(A @ tl.flatten(u), u)
-
-        if solver == "dense":
-            v, info = solve_matrix(A, g_w)
-        else:
-            options = dict(maxiter=10 * n + 100 if K is None else K, tol=tol, rtol=rtol)
-            if solver == "cg_normaleq":
-                options["rmatvec"] = matvec
-            v, info = hypergrad.SOLVERS[solver](matvec, g_w, _usable_v0(v0, w), **options)
-        indirect = tl.grad_or_zeros(km.fp_map(w, hparams), hparams, grad_outputs=[t.detach() for t in v])
-    grads = [(a + b).detach() for a, b in zip(g_h, indirect)]
-    tl.assert_finite(grads, "the hypergradient")
-    if set_grad:
-        tl.accumulate_grads(hparams, grads)
-    _warn_unconverged(info.solver, info.iterations, info.residual, info.converged)
-    return hypergrad.HypergradResult(grads, [t.detach() for t in v], info.iterations, info.residual,
-                                     info.converged, info.solver)
+    """The core's hypergradient with the operator I - dPhi/dw = eta K given as a dense matrix (no VJPs
+    through Phi in the solve): "dense" is an LU solve, the Krylov solvers run on plain mat-vecs."""
+    n = Kmat.shape[0]
+    res = hypergrad.hypergradient(km.w, list(hparams), km.fp_map, loss_w, solver=solver,
+                                  K=10 * n + 100 if K is None else K, tol=tol, rtol=rtol, v0=_usable_v0(v0, km.w),
+                                  set_grad=set_grad, operator=km.eta * Kmat)
+    _warn_unconverged(res.solver, res.iterations, res.residual, res.converged)
+    return res
 
 
 def _usable_v0(v0, w):

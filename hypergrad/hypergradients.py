@@ -37,11 +37,21 @@ class HypergradResult:
 class _FixedPointSystem:
     """The adjoint system (I - J^T) v = dE/dw with J = dPhi/dw at the given (w, lambda)."""
 
-    def __init__(self, params, hparams, fp_map: FpMap, stochastic: bool, create_graph: bool):
+    def __init__(self, params, hparams, fp_map: FpMap, stochastic: bool, create_graph: bool,
+                 operator: Optional[Tensor] = None):
         self.params, self.hparams, self.fp_map = params, hparams, fp_map
         self.stochastic, self.create_graph = stochastic, create_graph
         self._mapped = None if stochastic else self.map()
         self._jvp_graph = None
+        self.operator = operator
+        if operator is not None:
+            n = sum(p.numel() for p in params)
+            if operator.shape != (n, n):
+                raise ValueError(f"operator has shape {tuple(operator.shape)}; expected ({n}, {n}) for params with "
+                                 f"{n} entries in all")
+            self.matvec = lambda u: tl.unflatten(operator @ tl.flatten(u), u)
+            self.rmatvec = lambda u: tl.unflatten(operator.T @ tl.flatten(u), u)
+            self.matmat = lambda: operator
 
     def map(self) -> List[Tensor]:
         out = self.fp_map(self.params, self.hparams)
@@ -59,10 +69,12 @@ class _FixedPointSystem:
         """(I - J^T) u."""
         return tl.sub(u, self.vjp(u, self.params))
 
-    def matmat(self, eye: Tensor) -> Optional[Tensor]:
+    def matmat(self) -> Optional[Tensor]:
         """The dense operator (I - J^T) as an n x n matrix, by one batched VJP; None if unsupported."""
         if self.stochastic:
             return None
+        flat = tl.flatten(self.params)
+        eye = torch.eye(flat.numel(), dtype=flat.dtype, device=flat.device)
         batch = [c.reshape(eye.shape[0], *p.shape) for c, p in
                  zip(torch.split(eye, [p.numel() for p in self.params], dim=1), self.params)]
         try:
@@ -105,7 +117,8 @@ def _prepare(params, hparams, outer_loss: OuterLoss, create_graph: bool):
 def hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], fp_map: FpMap, outer_loss: OuterLoss,
                   solver: str = "cg", K: int = 100, tol: float = 1e-10, rtol: float = 0.0,
                   v0: Optional[Sequence[Tensor]] = None, create_graph: bool = False, set_grad: bool = True,
-                  stochastic: bool = False, **solver_options) -> HypergradResult:
+                  stochastic: bool = False, operator: Optional[Tensor] = None,
+                  **solver_options) -> HypergradResult:
     """Hypergradient at the fixed point ``params`` of ``fp_map``, solving for the adjoint with ``solver``.
 
     grad = dE/dlambda + (dPhi/dlambda)^T v, where (I - dPhi/dw)^T v = dE/dw.
@@ -119,6 +132,9 @@ def hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], fp_map: F
             (at the given params, which are treated as constants).
         set_grad: add the result to ``hparam.grad``.
         stochastic: ``fp_map`` is random; re-evaluate it at every product.
+        operator: optional explicit (I - dPhi/dw)^T as an n x n matrix (n = numel of all params), used
+            for the solve instead of VJPs through ``fp_map`` (e.g. a materialized KKT matrix); ``fp_map``
+            still gives dPhi/dlambda.
         solver_options: passed to the solver (``check_every``, ``divergence_factor``, ``restart``).
     """
     if solver not in SOLVERS:
@@ -127,7 +143,7 @@ def hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], fp_map: F
         raise ValueError(f"K must be a non-negative int, got {K!r}")
     with torch.enable_grad():
         params, hparams, g_w, g_h = _prepare(params, hparams, outer_loss, create_graph)
-        system = _FixedPointSystem(params, hparams, fp_map, stochastic, create_graph)
+        system = _FixedPointSystem(params, hparams, fp_map, stochastic, create_graph, operator)
         options = dict(maxiter=K, tol=tol, rtol=rtol, **solver_options)
         if solver == "cg_normaleq":
             options["rmatvec"] = system.rmatvec

@@ -334,12 +334,12 @@ def _hessenberg_lstsq(H: Tensor, beta: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 def solve_dense(matvec: MatVec, b, x0=None, *, tol: float = 1e-10, rtol: float = 0.0,
-                matmat: Optional[Callable[[Tensor], Tensor]] = None, **_):
-    """Materialize A (n products, or one batched product via ``matmat``) and solve it by
+                matmat: Optional[Callable[[], Optional[Tensor]]] = None, **_):
+    """Materialize A (``matmat()``, e.g. one batched product; else n products) and solve it by
     :func:`solve_matrix`. For small systems only (n up to a few thousand)."""
     flat_b = tl.flatten(b)
     n = flat_b.numel()
-    A = matmat(torch.eye(n, dtype=flat_b.dtype, device=flat_b.device)) if matmat is not None else None
+    A = matmat() if matmat is not None else None
     if A is None:
         cols = []
         for i in range(n):
