@@ -120,3 +120,16 @@ def test_stochastic_flag_re_evaluates_the_map(fn, K):
     calls["n"] = 0
     fn([p["w_star"]], [p["lam"]], K, counted, p["outer_loss"], tol=1e-13, set_grad=False)
     assert calls["n"] == 1
+
+
+@pytest.mark.parametrize("solver", ["dense", "cg", "minres", "gmres", "cg_normaleq"])
+def test_explicit_operator(solver):
+    """operator= replaces the VJPs through Phi in the solve by products with a given matrix."""
+    p = ridge(cond=500)
+    gd = hg.GradientDescent(p["inner_loss"], p["step"])
+    A = p["step"] * p["A"]  # (I - dPhi/dw)^T for the gradient-descent map, built independently here
+    r = hg.hypergradient([p["w_star"]], [p["lam"]], gd, p["outer_loss"], solver=solver, K=60, tol=0.0,
+                         rtol=1e-13, operator=A, set_grad=False)
+    assert rel_err(r.grads[0], p["ref"]) <= 1e-9
+    with pytest.raises(ValueError, match=r"operator has shape \(3, 3\)"):
+        hg.hypergradient([p["w_star"]], [p["lam"]], gd, p["outer_loss"], operator=torch.eye(3, dtype=A.dtype))
