@@ -13,6 +13,8 @@ TensorList = List[Tensor]
 
 def dot(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
     """<xs, ys> = sum_i <x_i, y_i>, a 0-d tensor on the tensors' device (no host sync)."""
+    if len(xs) == 1 and xs[0].dim() == 1:  # the common case, without reshape calls
+        return torch.dot(xs[0], ys[0])
     total = torch.dot(xs[0].reshape(-1), ys[0].reshape(-1))
     for x, y in zip(xs[1:], ys[1:]):
         total = total + torch.dot(x.reshape(-1), y.reshape(-1))
