@@ -216,20 +216,25 @@ def plot(results, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw=dict(width_ratios=[1, 1.3]))
     rows = results["cost"]
     ax[0].plot([r["d"] for r in rows], [r["ratio"] for r in rows], "o-", label="hypergrad.cg, K=20")
+    if "minimal_ratio" in rows[0]:
+        ax[0].plot([r["d"] for r in rows], [r["minimal_ratio"] for r in rows], "s--", label="unchecked hand-written CG")
     ax[0].axhline(1.0, color="gray", lw=0.8, ls="--", label="20 raw HVPs")
     ax[0].set(xscale="log", xlabel="features d", ylabel="time / time of 20 HVPs", title="CG overhead")
-    ax[0].legend()
+    ax[0].legend(fontsize=8)
     warm = results["warm"]
-    labels = [f"{w['outer_opt']} {w['first_step']}\nrtol {w['rtol']:.0e}" for w in warm] + ["reverse /\nunroll mem"]
+    labels = [f"{w['outer_opt']} step {w['first_step']}, rtol {w['rtol']:.0e}" for w in warm]
+    labels.append("reverse/unroll peak memory")
     vals = [w["ratio"] for w in warm] + [results["memory"]["ratio"]]
-    ax[1].bar(range(len(vals)), vals, color=["C0"] * len(warm) + ["C1"])
-    ax[1].set_xticks(range(len(vals)), labels, fontsize=6)
-    ax[1].axhline(0.5, color="C0", ls=":", lw=1)
-    ax[1].axhline(0.2, color="C1", ls=":", lw=1)
-    ax[1].set(ylabel="ratio (dotted: targets)", title="warm/cold Hessian-vector products; memory")
+    ax[1].barh(range(len(vals)), vals, color=["C0"] * len(warm) + ["C1"])
+    ax[1].set_yticks(range(len(vals)), labels, fontsize=7)
+    ax[1].invert_yaxis()
+    ax[1].axvline(0.5, color="C0", ls=":", lw=1, label="warm-start target 0.5")
+    ax[1].axvline(0.2, color="C1", ls=":", lw=1, label="memory target 0.2")
+    ax[1].set(xlabel="ratio", title="warm/cold Hessian-vector products; memory")
+    ax[1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
