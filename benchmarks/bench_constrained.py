@@ -45,7 +45,8 @@ def main(argv=None):
     ap.add_argument("--d", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="n=100, m=50, 3 repeats (seconds)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared machine)")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                    help="torch threads (default: torch's, i.e. the cores, as numpy/scipy use them for cvxpylayers)")
     ap.add_argument("--out", default="results")
     args = ap.parse_args(argv)
     if args.quick:
@@ -63,14 +64,17 @@ def main(argv=None):
     x = qp.x.clone().requires_grad_(True)
     sol = C.solve_cvxpy(prob, [xp], [x], [y], ineq=ineq, torch_problem=problem)  # warm-up + the pair
 
-    ours = {"auto": dict(solver="auto"), "minres": dict(solver="minres"),
-            "minres_matrix_free": dict(solver="minres", materialize=False)}
+    given_h = C.ConstrainedProblem(qp.objective, qp.ineq, hessian=lambda p, h, mu, nu: qp.Q)  # Q known
+    ours = {"auto": dict(solver="auto"), "auto_given_hessian": dict(solver="auto", problem=given_h),
+            "minres": dict(solver="minres"), "minres_matrix_free": dict(solver="minres", materialize=False)}
     times = {k: [] for k in list(ours) + ["cvxpy_solve", "layer_fwd_lsqr", "layer_bwd_lsqr", "layer_fwd_dense",
                                           "layer_bwd_dense"]}
     errors = {}
     for _ in range(args.repeats):
         for name, kw in ours.items():
-            t, res = timed(lambda: C.hypergradient(problem, sol.params, [x], qp.outer_loss, sol.mu, set_grad=False,
+            kw = dict(kw)
+            prob_k = kw.pop("problem", problem)
+            t, res = timed(lambda: C.hypergradient(prob_k, sol.params, [x], qp.outer_loss, sol.mu, set_grad=False,
                                                    **kw))
             times[name].append(t)
             errors[name] = rel_err(res.grads[0], exact)

@@ -76,16 +76,42 @@ def materialize_kkt(km: KKTMap, hparams: Sequence[Tensor]) -> Optional[Tensor]:
     def lagrangian_y(yf: Tensor) -> Tensor:
         return km.lagrangian(tl.unflatten(yf, y) + rest, x)
 
-    try:
-        H = torch.func.jacrev(torch.func.grad(lagrangian_y))(tl.flatten(y))
-    except (RuntimeError, NotImplementedError, TypeError, ValueError):
-        return None
+    if km.problem.hessian is not None:
+        H = supplied_hessian(km, y, x, lagrangian_y)
+    else:
+        try:
+            H = torch.func.jacrev(torch.func.grad(lagrangian_y))(tl.flatten(y))
+        except (RuntimeError, NotImplementedError, TypeError, ValueError):
+            return None
     n, r = H.shape[0], km.J.shape[0]
     K = H.new_zeros(n + r, n + r)
     K[:n, :n] = 0.5 * (H + H.T)
     K[n:, :n] = km.J
     K[:n, n:] = km.J.T
     return K
+
+
+def supplied_hessian(km: KKTMap, y: List[Tensor], x: List[Tensor], lagrangian_y) -> Tensor:
+    """``problem.hessian`` at the KKT point (inactive multipliers zeroed), checked for shape, NaN and
+    against one autodiff Hessian-vector product of the Lagrangian along a random direction."""
+    _, mu_a, nu = km.unpack([t.detach() for t in km.w])
+    mu = None if km.mu is None else torch.zeros_like(km.mu).index_put((km.report.active,), mu_a) \
+        if mu_a is not None else torch.zeros_like(km.mu)
+    yf = tl.flatten(y)
+    n = yf.numel()
+    H = km.problem.hessian(y, x, mu, nu)
+    if not isinstance(H, Tensor) or H.shape != (n, n):
+        raise ValueError(f"ConstrainedProblem.hessian must return a ({n}, {n}) tensor, got "
+                         f"{tuple(H.shape) if isinstance(H, Tensor) else type(H).__name__}")
+    H = H.to(yf.dtype).detach()
+    tl.assert_finite([H], "ConstrainedProblem.hessian")
+    u = torch.randn(n, dtype=yf.dtype, device=yf.device, generator=torch.Generator(device=yf.device).manual_seed(0))
+    _, Hu = torch.func.jvp(torch.func.grad(lagrangian_y), (yf,), (u,))
+    gap = float(torch.linalg.norm(H @ u - Hu))
+    if gap > 1e-6 * (float(torch.linalg.norm(Hu)) + float(torch.linalg.norm(H, ord=1)) * float(torch.linalg.norm(u))) + 1e-12:
+        raise ValueError(f"ConstrainedProblem.hessian disagrees with the autodiff Hessian of the Lagrangian: "
+                         f"||H u - (autodiff) H u|| = {gap:.3e} along a random u")
+    return H
 
 
 def solve_materialized(km: KKTMap, Kmat: Tensor, hparams: Sequence[Tensor], loss_w, solver: str, *,

@@ -17,13 +17,19 @@ Fn = Callable[[List[Tensor], List[Tensor]], Tensor]
 @dataclass(frozen=True)
 class ConstrainedProblem:
     """``objective(params, hparams) -> scalar`` (g), ``ineq(params, hparams) -> 1-D tensor`` (p <= 0),
-    ``eq(params, hparams) -> 1-D tensor`` (q = 0). ``ineq``/``eq`` may be None (no such constraints)."""
+    ``eq(params, hparams) -> 1-D tensor`` (q = 0). ``ineq``/``eq`` may be None (no such constraints).
+
+    ``hessian(params, hparams, mu, nu) -> (n, n) tensor``, optional: the Hessian of L = g + mu^T p + nu^T q
+    w.r.t. the flattened params (``mu`` full-length, zero on the inactive constraints), when it is known in
+    closed form (Q for a QP). It replaces the autodiff Hessian of the dense KKT path and is checked
+    against one autodiff Hessian-vector product."""
     objective: Fn
     ineq: Optional[Fn] = None
     eq: Optional[Fn] = None
+    hessian: Optional[Callable[..., Tensor]] = None
 
     def __post_init__(self):
-        for name in ("objective", "ineq", "eq"):
+        for name in ("objective", "ineq", "eq", "hessian"):
             fn = getattr(self, name)
             if (fn is not None or name == "objective") and not callable(fn):
                 raise TypeError(f"ConstrainedProblem.{name} must be callable, got {type(fn).__name__}")

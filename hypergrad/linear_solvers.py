@@ -360,11 +360,11 @@ def solve_matrix(A: Tensor, b, *, tol: float = 1e-10, rtol: float = 0.0):
     n = flat_b.numel()
     if A.shape != (n, n):
         raise ValueError(f"dense: the operator has shape {tuple(A.shape)}, the right-hand side {n} entries")
-    if not bool(torch.isfinite(A).all()):
-        raise NonFiniteError("dense: the operator I - dPhi/dw^T contains NaN or Inf")
     LU, pivots, info = torch.linalg.lu_factor_ex(A)
-    cond = math.inf if int(info) != 0 else \
-        float(torch.linalg.matrix_norm(A.detach(), 1)) * _inverse_norm1_estimate(LU.detach(), pivots)
+    if not bool(torch.isfinite(LU.diagonal()).all()):  # NaN/Inf anywhere in A reaches U's diagonal
+        raise NonFiniteError("dense: the operator I - dPhi/dw^T contains NaN or Inf")
+    a_norm = float(torch.linalg.matrix_norm(A.detach(), 1))
+    cond = math.inf if int(info) != 0 else a_norm * _inverse_norm1_estimate(LU.detach(), pivots)
     if not cond < 1.0 / (n * torch.finfo(A.dtype).eps):
         raise SingularSystemError(f"dense: I - dPhi/dw is singular (condition number estimate {cond:.3e}); the "
                                   "hypergradient is not defined at this point (minres gives a least-squares adjoint)")
@@ -373,8 +373,7 @@ def solve_matrix(A: Tensor, b, *, tol: float = 1e-10, rtol: float = 0.0):
     res = float(torch.linalg.norm(A.detach() @ xd - bd))
     thresh = max(tol, rtol * float(torch.linalg.norm(bd)))
     eps = torch.finfo(A.dtype).eps  # LU is backward stable: residual ~ n eps ||A|| ||x||
-    floor = 10 * n * eps * (float(torch.linalg.matrix_norm(A.detach(), 1)) * float(xd.abs().sum()) +
-                            float(bd.abs().sum()))
+    floor = 10 * n * eps * (a_norm * float(xd.abs().sum()) + float(bd.abs().sum()))
     return tl.unflatten(x, b), SolveInfo("dense", n, res, res <= max(thresh, floor))
 
 

@@ -478,3 +478,24 @@ def test_svm_example_and_benchmark_quick_modes(tmp_path):
     assert check["rel_diff"] < 1e-4 and len(log) == 4 and (tmp_path / "svm_hyperparameters.png").exists()
     head = loaded["benchmarks/bench_constrained.py"].main(["--quick", "--repeats", "1", "--out", str(tmp_path)])
     assert head["ours_rel_err"] <= 1e-6 and (tmp_path / "bench_constrained.csv").exists()
+
+
+# ---------------------------------------------------------------- a Hessian supplied in closed form
+@pytest.mark.parametrize("case", QP_CASES)
+def test_supplied_hessian_matches_exact_formula(case):
+    qp = planted_qp(**case)
+    base = qp_problem(qp)
+    problem = C.ConstrainedProblem(base.objective, base.ineq, base.eq, hessian=lambda p, h, mu, nu: qp.Q)
+    res = hg(problem, [qp.y], [leaf(qp.x)], qp.outer_loss, qp.mu, qp.nu if case["k"] else None, solver="dense")
+    assert rel_err(res.grads[0], qp.exact_hypergrad()) <= 1e-8
+
+
+def test_wrong_supplied_hessian_is_an_error():
+    qp = planted_qp(**QP_CASES[0])
+    base = qp_problem(qp)
+    eye = torch.eye(qp.Q.shape[0], dtype=DT)
+    for bad, match in [(lambda p, h, mu, nu: qp.Q + 1e-3 * eye, "disagrees with the autodiff Hessian"),
+                       (lambda p, h, mu, nu: qp.Q[:3, :3], r"must return a \(8, 8\) tensor")]:
+        problem = C.ConstrainedProblem(base.objective, base.ineq, base.eq, hessian=bad)
+        with pytest.raises(ValueError, match=match):
+            hg(problem, [qp.y], [leaf(qp.x)], qp.outer_loss, qp.mu, qp.nu, solver="dense")
