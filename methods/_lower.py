@@ -12,6 +12,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from hypergrad import tensor_list as tl
 from hypergrad.errors import NonFiniteError
 
 TensorList = List[Tensor]
@@ -117,9 +118,8 @@ def check_scalar(loss, name: str) -> Tensor:
 def grads_of(loss: Tensor, wrt: Sequence[Tensor], create_graph: bool = False,
              retain_graph: Optional[bool] = None) -> TensorList:
     """d loss / d wrt with zeros where ``loss`` does not depend on a tensor."""
-    gs = torch.autograd.grad(loss, list(wrt), create_graph=create_graph, allow_unused=True,
-                             retain_graph=retain_graph)
-    return [torch.zeros_like(w) if g is None else g for g, w in zip(gs, wrt)]
+    return tl.grad_or_zeros(loss, list(wrt), retain_graph=create_graph if retain_graph is None else retain_graph,
+                            create_graph=create_graph)
 
 
 def sq_norm(xs: Sequence[Tensor]) -> Tensor:
@@ -134,11 +134,6 @@ def raise_if_nonfinite(values: Sequence[Tensor], what: str, index_name: str = "s
     if not bool(ok.all()):
         first = int((~ok).nonzero()[0, 0])
         raise NonFiniteError(f"{what} became NaN or Inf at {index_name} {first} of {len(values)}")
-
-
-def assert_finite(xs: Sequence[Tensor], what: str) -> None:
-    if xs and not bool(torch.stack([torch.isfinite(x).all() for x in xs]).all()):
-        raise NonFiniteError(f"{what} contains NaN or Inf")
 
 
 def descend(params: Sequence[Tensor], grad_fn: Callable[[TensorList, int, bool], TensorList], rule: SGDRule,

@@ -26,9 +26,9 @@ from torch import Tensor
 
 from hypergrad import update_tensor_grads
 from hypergrad.errors import NonFiniteError
+from hypergrad.tensor_list import assert_finite
 
-from ._lower import (Loss, SGDRule, assert_finite, check_int, descend, grads_of, raise_if_nonfinite,
-                     sq_norm)
+from ._lower import Loss, SGDRule, check_int, descend, grads_of, raise_if_nonfinite, sq_norm
 from .base import BilevelSolver, Objective, Result
 
 
@@ -106,10 +106,10 @@ def bvfim(params: Sequence[Tensor], hparams: Sequence[Tensor], inner_loss: Loss,
         return y, psi, s
 
     restarts = backtracks = stalls = 0
-    y, psi, slack = psi_at(params)
+    y, psi, _ = psi_at(params)
     if psi is None:
         restarts += 1
-        y, psi, slack = psi_at(z)
+        y, psi, _ = psi_at(z)
     state = y_rule.init(y)
     y_norm = torch.zeros(())
     for t in range(y_loop):
@@ -123,9 +123,9 @@ def bvfim(params: Sequence[Tensor], hparams: Sequence[Tensor], inner_loss: Loss,
         eta = 1.0
         for _ in range(max_backtracks + 1):
             cand = [w.detach() + eta * (n - w.detach()) for w, n in zip(y, new)]
-            cand, cand_psi, cand_slack = psi_at(cand)
+            cand, cand_psi, _ = psi_at(cand)
             if cand_psi is not None and bool(cand_psi <= psi + 1e-13 * psi.abs()):  # roundoff-tolerant
-                y, psi, slack = cand, cand_psi, cand_slack
+                y, psi = cand, cand_psi
                 break
             eta *= 0.5
             backtracks += 1

@@ -22,8 +22,9 @@ import torch
 from torch import Tensor
 
 from hypergrad import update_tensor_grads
+from hypergrad.tensor_list import assert_finite
 
-from ._lower import Loss, SGDRule, assert_finite, check_int, descend, grads_of, raise_if_nonfinite
+from ._lower import Loss, SGDRule, check_int, descend, grads_of, raise_if_nonfinite
 from .base import BilevelSolver, Objective, Result
 
 
