@@ -6,6 +6,7 @@
 ``hparam.grad``); :func:`hypergradient` is the general entry with a choice of solver and diagnostics.
 """
 from .errors import BreakdownError, DivergenceError, HypergradError, NonFiniteError, SingularSystemError
+from .batched import BATCHED_SOLVERS, BatchedHypergradResult, BatchedSolveInfo, batched_hypergradient
 from .functional import functional, load_params, module_params, param_dict
 from .hypergradients import (CG, CG_normaleq, HypergradResult, cg, cg_normaleq, exact, fixed_point, gmres,
                              get_outer_gradients, grad_unused_zero, cat_list_to_tensor, update_tensor_grads,
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "hypergradient", "HypergradResult", "SolveInfo", "SOLVERS",
+    "batched_hypergradient", "BatchedHypergradResult", "BatchedSolveInfo", "BATCHED_SOLVERS",
     "reverse_unroll", "reverse", "fixed_point", "CG", "cg", "CG_normaleq", "cg_normaleq", "neumann",
     "minres", "gmres", "exact", "stoch_AID",
     "DifferentiableOptimizer", "GradientDescent", "HeavyBall", "Momentum",
