@@ -8,7 +8,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["examples/hyper_cleaning.py", "examples/logistic_regression_hpo.py", "examples/svm_hyperparameters.py",
-           "examples/nonconvex_toy.py", "benchmarks/bench_core.py", "benchmarks/bench_constrained.py",
+           "examples/nonconvex_toy.py", "examples/imaml_digits.py", "benchmarks/bench_core.py", "benchmarks/bench_constrained.py",
            "benchmarks/bench_methods.py"]
 
 
@@ -48,3 +48,10 @@ def test_bench_methods_quick(tmp_path):
     mod = _load("benchmarks/bench_methods.py")
     out = mod.main(["--quick", "--out", str(tmp_path)])
     assert (tmp_path / "bench_methods.csv").exists() and out is not None
+
+
+def test_imaml_quick(tmp_path):
+    rows, history = _load("examples/imaml_digits.py").main(["--quick", "--out", str(tmp_path)])
+    assert rows[1]["meta_test_acc"] > rows[0]["meta_test_acc"]  # meta-learning helps even in 6 steps
+    assert all(h["inner_residual"] < 1e-5 and h["converged"] == 8 for h in history)  # inner and adjoint solved
+    assert (tmp_path / "imaml_digits.png").stat().st_size > 5000
