@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -25,6 +24,9 @@ import torch
 import torch.nn.functional as F
 
 import hypergrad as hg
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _memory, also when imported from elsewhere
+import _memory  # noqa: E402
 
 
 def logreg(n, d, dtype, seed=0, col_scale_decades=0.0):
@@ -164,6 +166,7 @@ def bench_warm(steps=30, d=100, rtol=1e-6, outer_opt="sgd", first_step=0.05, dty
 
 _MEM_CHILD = r"""
 import sys, torch, hypergrad as hg
+from _memory import peak_growth_kib, reset_peak
 torch.set_num_threads(1)
 mode, T, n, hidden = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 g = torch.Generator().manual_seed(0)
@@ -178,11 +181,7 @@ w0 = [torch.randn(20, hidden, generator=g) * 0.2, torch.zeros(hidden), torch.ran
 w0 = [t.requires_grad_(True) for t in w0]
 hg.reverse_unroll(gd(w0, [lam]), [lam], outer, set_grad=False)  # warm up allocator, kernels, autograd
 hg.reverse([[t.detach() for t in w0], [t.detach() for t in gd(w0, [lam])]], [lam], [gd], outer, set_grad=False)
-def status(key):  # KiB
-    return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1])
-with open("/proc/self/clear_refs", "w") as fh:
-    fh.write("5")  # reset the peak (VmHWM) to the current RSS, so import-time peaks do not count
-base = status("VmRSS")
+base = reset_peak()  # import-time peaks do not count
 if mode == "unroll":
     w = w0
     for _ in range(T):
@@ -193,7 +192,7 @@ else:
     for _ in range(T):
         hist.append([t.detach() for t in gd([t.requires_grad_(True) for t in hist[-1]], [lam])])
     hg.reverse(hist, [lam], [gd] * T, outer, set_grad=False)
-print(status("VmHWM") - base)
+print(peak_growth_kib(base))
 """
 
 
@@ -202,9 +201,7 @@ def bench_memory(T=100, n=1000, hidden=64):
     graph holds activations of size n x hidden; an iterate holds only the parameters)."""
     peak = {}
     for mode in ("unroll", "reverse"):
-        out = subprocess.run([sys.executable, "-c", _MEM_CHILD, mode, str(T), str(n), str(hidden)],
-                             capture_output=True, text=True, check=True)
-        peak[mode] = max(int(out.stdout.strip().splitlines()[-1]), 1)  # KiB
+        peak[mode] = int(_memory.run_child(_MEM_CHILD, mode, T, n, hidden))  # KiB
     res = dict(T=T, n=n, hidden=hidden, reverse_unroll_kib=peak["unroll"], reverse_kib=peak["reverse"],
                ratio=peak["reverse"] / peak["unroll"])
     print(f"  T={T}: peak memory growth reverse_unroll {peak['unroll'] / 1024:.1f} MiB, reverse "

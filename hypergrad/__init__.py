@@ -7,6 +7,8 @@
 """
 from .errors import BreakdownError, DivergenceError, HypergradError, NonFiniteError, SingularSystemError
 from .batched import BATCHED_SOLVERS, BatchedHypergradResult, BatchedSolveInfo, batched_hypergradient
+from .checkpointed import (CheckpointedResult, NondeterministicMapError, checkpoint_steps,
+                           checkpointed_hypergradient, reverse_checkpointed)
 from .functional import functional, load_params, module_params, param_dict
 from .hypergradients import (CG, CG_normaleq, HypergradResult, cg, cg_normaleq, exact, fixed_point, gmres,
                              get_outer_gradients, grad_unused_zero, cat_list_to_tensor, update_tensor_grads,
@@ -21,6 +23,8 @@ __all__ = [
     "batched_hypergradient", "BatchedHypergradResult", "BatchedSolveInfo", "BATCHED_SOLVERS",
     "reverse_unroll", "reverse", "fixed_point", "CG", "cg", "CG_normaleq", "cg_normaleq", "neumann",
     "minres", "gmres", "exact", "stoch_AID",
+    "reverse_checkpointed", "checkpointed_hypergradient", "CheckpointedResult", "checkpoint_steps",
+    "NondeterministicMapError",
     "DifferentiableOptimizer", "GradientDescent", "HeavyBall", "Momentum",
     "module_params", "param_dict", "functional", "load_params",
     "update_tensor_grads", "get_outer_gradients", "grad_unused_zero", "cat_list_to_tensor",
