@@ -9,7 +9,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["examples/hyper_cleaning.py", "examples/logistic_regression_hpo.py", "examples/svm_hyperparameters.py",
            "examples/nonconvex_toy.py", "examples/imaml_digits.py", "benchmarks/bench_core.py", "benchmarks/bench_constrained.py",
-           "benchmarks/bench_methods.py"]
+           "benchmarks/bench_methods.py", "benchmarks/bench_batched.py"]
 
 
 def _load(rel):
@@ -55,3 +55,10 @@ def test_imaml_quick(tmp_path):
     assert rows[1]["meta_test_acc"] > rows[0]["meta_test_acc"]  # meta-learning helps even in 6 steps
     assert all(h["inner_residual"] < 1e-5 and h["converged"] == 8 for h in history)  # inner and adjoint solved
     assert (tmp_path / "imaml_digits.png").stat().st_size > 5000
+
+
+def test_bench_batched_quick(tmp_path):
+    res = _load("benchmarks/bench_batched.py").main(["--quick", "--out", str(tmp_path)])
+    row = res["rows"][0]
+    assert row["B"] == 64 and row["max_rel_diff"] <= 1e-10 and row["ratio"] > 0
+    assert (tmp_path / "bench_batched.json").exists()
