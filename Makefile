@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_core.py && $(PY) benchmarks/bench_constrained.py && $(PY) benchmarks/bench_methods.py
+	$(PY) benchmarks/run_all.py
 
 clean:
 	rm -rf $(VENV)

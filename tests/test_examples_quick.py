@@ -9,7 +9,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["examples/hyper_cleaning.py", "examples/logistic_regression_hpo.py", "examples/svm_hyperparameters.py",
            "examples/nonconvex_toy.py", "examples/imaml_digits.py", "benchmarks/bench_core.py", "benchmarks/bench_constrained.py",
-           "benchmarks/bench_methods.py", "benchmarks/bench_batched.py"]
+           "benchmarks/bench_methods.py", "benchmarks/bench_batched.py",
+           "benchmarks/bench_solvers.py", "benchmarks/run_all.py"]
 
 
 def _load(rel):
@@ -62,3 +63,13 @@ def test_bench_batched_quick(tmp_path):
     row = res["rows"][0]
     assert row["B"] == 64 and row["max_rel_diff"] <= 1e-10 and row["ratio"] > 0
     assert (tmp_path / "bench_batched.json").exists()
+
+
+def test_bench_solvers_quick(tmp_path):
+    res = _load("benchmarks/bench_solvers.py").main(["--quick", "--out", str(tmp_path)])
+    err = {(r["cond"], r["solver"], r["K"]): r["rel_err"] for r in res["accuracy"]}
+    for s in ("cg", "minres", "gmres"):  # Krylov solvers reach rounding level on the easy problem
+        assert err[(10.0, s, 64)] <= 1e-12
+    assert err[(1e4, "cg", 256)] < err[(1e4, "fixed_point", 256)]  # and beat Richardson on the hard one
+    assert {r["method"] for r in res["cost"]} >= {"cg", "reverse_unroll", "reverse_checkpointed"}
+    assert all(r["ratio"] > 0 for r in res["cost"]) and (tmp_path / "bench_solvers.png").exists()
