@@ -111,7 +111,7 @@ def bvfim(params: Sequence[Tensor], hparams: Sequence[Tensor], inner_loss: Loss,
         restarts += 1
         y, psi, _ = psi_at(z)
     state = y_rule.init(y)
-    y_norm = torch.zeros(())
+    y_norm = torch.zeros((), dtype=y[0].dtype, device=y[0].device)
     for t in range(y_loop):
         with torch.enable_grad():
             g = grads_of(psi, y)
