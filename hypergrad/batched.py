@@ -242,10 +242,7 @@ def batched_hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], f
         raise ValueError(f"unknown batched solver {solver!r}; choose one of {sorted(BATCHED_SOLVERS)}")
     if not isinstance(K, int) or K < 0:
         raise ValueError(f"K must be a non-negative int, got {K!r}")
-    params, hparams = tl.as_tensor_list(params, "params"), tl.as_tensor_list(hparams, "hparams")
-    tl.check_hparams(hparams)
-    tl.check_same_kind(params + hparams, [f"params[{i}]" for i in range(len(params))] +
-                       [f"hparams[{i}]" for i in range(len(hparams))])
+    params, hparams = tl.check_inputs(params, hparams)
     B = _task_count(params)
     with torch.enable_grad():
         params = tl.detached_leaves(params)

@@ -201,13 +201,7 @@ def checkpointed_hypergradient(params0: Sequence[Tensor], hparams: Sequence[Tens
     Second-order use (``create_graph``) is not supported: the result carries no graph.
     """
     _check_counts(T, checkpoints)
-    params0 = tl.as_tensor_list(params0, "params0")
-    hparams = tl.as_tensor_list(hparams, "hparams")
-    tl.check_hparams(hparams)
-    if len(params0) == 0:
-        raise ValueError("params0 is empty: pass the list of initial inner variables")
-    tl.check_same_kind(params0 + hparams, [f"params0[{i}]" for i in range(len(params0))] +
-                       [f"hparams[{i}]" for i in range(len(hparams))])
+    params0, hparams = tl.check_inputs(params0, hparams, "params0")
     tl.assert_finite(params0, "params0")
     keep_at = checkpoint_steps(T, checkpoints)
     with torch.enable_grad():

@@ -1,4 +1,8 @@
-"""``nn.Module`` adapters: module parameters as ``params``/``hparams`` lists, without ``higher``."""
+"""``nn.Module`` adapters: module parameters as ``params``/``hparams`` lists, without ``higher``.
+
+A ``DistributedDataParallel`` wrapper is accepted everywhere and unwrapped: its reducer acts only on
+``.backward()`` into ``.grad``, so data-parallel hypergradients come from :mod:`hypergrad.distributed`.
+"""
 from __future__ import annotations
 
 from typing import Dict, List, Sequence
@@ -6,16 +10,24 @@ from typing import Dict, List, Sequence
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.parallel import DistributedDataParallel
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The wrapped module of a ``DistributedDataParallel``; any other module as it is."""
+    return module.module if isinstance(module, DistributedDataParallel) else module
 
 
 def module_params(module: nn.Module, requires_grad: bool = True) -> List[Tensor]:
     """Detached copies of the module's parameters (in ``named_parameters`` order), ready to be
     ``params`` or ``hparams``. The module itself is not modified."""
+    module = _unwrap(module)
     return [p.detach().clone().requires_grad_(requires_grad) for p in module.parameters()]
 
 
 def param_dict(module: nn.Module, tensors: Sequence[Tensor]) -> Dict[str, Tensor]:
     """Name the tensors of a params list after the module's parameters."""
+    module = _unwrap(module)
     names = [n for n, _ in module.named_parameters()]
     if len(names) != len(tensors):
         raise ValueError(f"{type(module).__name__} has {len(names)} parameters but {len(tensors)} tensors "
@@ -29,6 +41,7 @@ def param_dict(module: nn.Module, tensors: Sequence[Tensor]) -> Dict[str, Tensor
 def functional(module: nn.Module):
     """``f(params, *inputs)``: the module evaluated with ``params`` in place of its parameters
     (buffers as they are), via ``torch.func.functional_call``."""
+    module = _unwrap(module)
 
     def call(params: Sequence[Tensor], *args, **kwargs):
         return functional_call(module, param_dict(module, params), args, kwargs)
@@ -38,6 +51,7 @@ def functional(module: nn.Module):
 
 def load_params(module: nn.Module, params: Sequence[Tensor]) -> None:
     """Copy a params list back into the module's parameters (in place, without tracking)."""
+    module = _unwrap(module)
     with torch.no_grad():
         for p, t in zip(module.parameters(), param_dict(module, params).values()):
             p.copy_(t)

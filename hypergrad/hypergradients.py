@@ -99,13 +99,7 @@ class _FixedPointSystem:
 
 def _prepare(params, hparams, outer_loss: OuterLoss, create_graph: bool):
     """Validate inputs; detached leaf copies of params; outer gradients dE/dw, dE/dlambda."""
-    params = tl.as_tensor_list(params, "params")
-    hparams = tl.as_tensor_list(hparams, "hparams")
-    tl.check_hparams(hparams)
-    if len(params) == 0:
-        raise ValueError("params is empty: pass the list of inner variables")
-    tl.check_same_kind(params + hparams, [f"params[{i}]" for i in range(len(params))] +
-                       [f"hparams[{i}]" for i in range(len(hparams))])
+    params, hparams = tl.check_inputs(params, hparams)
     params = tl.detached_leaves(params)
     loss = tl.scalar_loss(outer_loss, params, hparams, "outer_loss(params, hparams)")
     g = tl.grad_or_zeros(loss, params + hparams, retain_graph=create_graph, create_graph=create_graph)

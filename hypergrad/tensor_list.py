@@ -108,6 +108,18 @@ def check_hparams(hparams: Sequence[Tensor]) -> None:
                              "call .requires_grad_() on every outer variable")
 
 
+def check_inputs(params, hparams, name: str = "params"):
+    """``(params, hparams)`` as lists after checking them: tensors, params non-empty, hparams floating with
+    ``requires_grad=True``, one dtype and one device for all."""
+    params, hparams = as_tensor_list(params, name), as_tensor_list(hparams, "hparams")
+    check_hparams(hparams)
+    if len(params) == 0:
+        raise ValueError(f"{name} is empty: pass the list of inner variables")
+    check_same_kind(params + hparams, [f"{name}[{i}]" for i in range(len(params))] +
+                    [f"hparams[{i}]" for i in range(len(hparams))])
+    return params, hparams
+
+
 def check_same_kind(tensors: Sequence[Tensor], names: Sequence[str]) -> None:
     """All tensors share one floating dtype and one device; the error names the first mismatch."""
     ref, ref_name = tensors[0], names[0]
