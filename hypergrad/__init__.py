@@ -6,6 +6,7 @@
 ``hparam.grad``); :func:`hypergradient` is the general entry with a choice of solver and diagnostics.
 """
 from .errors import BreakdownError, DivergenceError, HypergradError, NonFiniteError, SingularSystemError
+from . import distributed
 from .batched import BATCHED_SOLVERS, BatchedHypergradResult, BatchedSolveInfo, batched_hypergradient
 from .checkpointed import (CheckpointedResult, NondeterministicMapError, checkpoint_steps,
                            checkpointed_hypergradient, reverse_checkpointed)

@@ -8,9 +8,11 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["examples/hyper_cleaning.py", "examples/logistic_regression_hpo.py", "examples/svm_hyperparameters.py",
-           "examples/nonconvex_toy.py", "examples/imaml_digits.py", "benchmarks/bench_core.py", "benchmarks/bench_constrained.py",
+           "examples/nonconvex_toy.py", "examples/imaml_digits.py", "examples/distributed_hpo.py",
+           "benchmarks/bench_core.py", "benchmarks/bench_constrained.py",
            "benchmarks/bench_methods.py", "benchmarks/bench_batched.py",
-           "benchmarks/bench_solvers.py", "benchmarks/run_all.py"]
+           "benchmarks/bench_solvers.py", "benchmarks/run_all.py",
+           "benchmarks/bench_distributed.py", "benchmarks/bench_memory.py"]
 
 
 def _load(rel):
