@@ -6,7 +6,7 @@ the batched call is ``hypergrad.batched_hypergradient`` on the stacked problem. 
 K and tolerance and must agree to 1e-10 (checked). Reported: time(batched) / time(loop), measured
 interleaved in one run (target <= 0.3 at B = 64).
 
-Run: ``python benchmarks/bench_batched.py [--quick]``; writes results/bench_batched.json.
+Run: ``python benchmarks/bench_batched.py [--quick]``; writes results/bench_batched.{json,png}.
 """
 from __future__ import annotations
 
@@ -102,6 +102,22 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(res: dict, path: str) -> None:
+    """Seconds per hypergradient of all B tasks, batched and looped, against B (d = 10 rows)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = sorted((r for r in res["rows"] if r["d"] == 10), key=lambda r: r["B"])
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.loglog([r["B"] for r in rows], [r["loop_s"] for r in rows], "o-", label="loop over tasks")
+    ax.loglog([r["B"] for r in rows], [r["batched_s"] for r in rows], "o-", label="batched_hypergradient")
+    ax.set(xlabel="tasks B", ylabel="seconds per hypergradient (all tasks)", title="batched vs looped (CG, K = 20)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="B = 64 only, 3 repeats (seconds)")
@@ -113,6 +129,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_batched.json"), "w") as f:
         json.dump(dict(res, torch=torch.__version__, python=sys.version.split()[0]), f, indent=1)
+    plot(res, os.path.join(args.out, "bench_batched.png"))
     return res
 
 
