@@ -112,7 +112,7 @@ def bench_cost(quick: bool, device, K: int = 20) -> list:
     from tqdm import tqdm
     for size in tqdm(sizes, desc="cost vs inner parameters", disable=None):
         w, lam, inner, outer, n = mlp_problem(int(size), device)
-        gd = hg.GradientDescent(inner, 0.01)
+        gd = hg.GradientDescent(inner, 0.5 / _curvature(inner, w, [lam]))  # a step that keeps Phi contracting
 
         def raw_hvps():
             p = [t.detach().requires_grad_(True) for t in w]
@@ -134,9 +134,27 @@ def bench_cost(quick: bool, device, K: int = 20) -> list:
         methods["reverse_checkpointed"] = lambda: hg.reverse_checkpointed(w, [lam], gd, K, outer, set_grad=False)
         base = _median_time(raw_hvps, repeats, device)
         for name, fn in methods.items():
-            t = _median_time(fn, repeats, device)
-            rows.append(dict(params=n, method=name, seconds=t, hvp_seconds=base, ratio=t / base))
+            try:
+                t = _median_time(fn, repeats, device)
+                rows.append(dict(params=n, method=name, seconds=t, hvp_seconds=base, ratio=t / base))
+            except hg.HypergradError as e:  # report, never hide, a failed solve
+                rows.append(dict(params=n, method=name, seconds=None, hvp_seconds=base, ratio=None, error=str(e)[:80]))
     return rows
+
+
+def _curvature(inner, w, hparams, iters: int = 30) -> float:
+    """|largest eigenvalue| of the inner Hessian at w, by power iteration on Hessian-vector products."""
+    p = [t.detach().requires_grad_(True) for t in w]
+    g = torch.autograd.grad(inner(p, hparams), p, create_graph=True)
+    v = [torch.randn_like(t) for t in p]
+    lam = 1.0
+    for _ in range(iters):
+        norm = torch.sqrt(sum((t ** 2).sum() for t in v))
+        v = [t / norm for t in v]
+        hv = torch.autograd.grad(g, p, grad_outputs=v, retain_graph=True)
+        lam = float(torch.sqrt(sum((t ** 2).sum() for t in hv)))
+        v = list(hv)
+    return lam
 
 
 def plot(acc: list, cost: list, path: str) -> None:
@@ -155,7 +173,9 @@ def plot(acc: list, cost: list, path: str) -> None:
         ax[i].legend(fontsize=7)
     for m in dict.fromkeys(r["method"] for r in cost):
         pts = [(r["params"], r["ratio"]) for r in cost if r["method"] == m]
-        ax[2].semilogx(*zip(*pts), "o-", ms=3, label=m)
+        pts = [(x, y) for x, y in pts if y is not None]
+        if pts:
+            ax[2].semilogx(*zip(*pts), "o-", ms=3, label=m)
     ax[2].axhline(1.0, color="gray", lw=0.8)
     ax[2].set(xlabel="inner parameters", ylabel="time / time of 20 raw HVPs", title="cost (20 products or steps)")
     ax[2].legend(fontsize=7)
@@ -182,7 +202,7 @@ def tables(res: dict) -> str:
     out += ["", "| inner parameters | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
     for n in sizes:
         ratio = {r["method"]: r["ratio"] for r in res["cost"] if r["params"] == n}
-        out.append(f"| {n:,} | " + " | ".join(f"{ratio[m]:.2f}" for m in methods) + " |")
+        out.append(f"| {n:,} | " + " | ".join("fails" if ratio[m] is None else f"{ratio[m]:.2f}" for m in methods) + " |")
     return "\n".join(out)
 
 
