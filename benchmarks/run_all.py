@@ -53,9 +53,12 @@ def _markdown(text: str) -> list:
     """A benchmark's printout: its markdown tables as they are, every other run of lines fenced."""
     import itertools
     out = []
-    for is_table, group in itertools.groupby(text.strip().splitlines(), key=lambda l: l.startswith("|")):
+    for is_table, group in itertools.groupby(text.strip("\n").splitlines(), key=lambda l: l.startswith("|")):
         group = list(group)
-        out += group + [""] if is_table else ["```", *group, "```", ""]
+        if is_table:
+            out += group + [""]
+        elif any(line.strip() for line in group):
+            out += ["```", *group, "```", ""]
     return out
 
 
