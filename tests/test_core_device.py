@@ -16,6 +16,11 @@ CONSTRUCTORS = {"zeros", "ones", "full", "eye", "tensor", "arange", "empty", "ra
                 "logspace", "as_tensor"}
 
 
+def _read(path):
+    with open(path) as f:
+        return f.read()
+
+
 def test_library_never_creates_a_tensor_without_a_device():
     """Every torch.<constructor>(...) in the library names its device (the *_like forms inherit it)."""
     missing = []
@@ -24,7 +29,7 @@ def test_library_never_creates_a_tensor_without_a_device():
             if not name.endswith(".py"):
                 continue
             path = os.path.join(ROOT, pkg, name)
-            for node in ast.walk(ast.parse(open(path).read())):
+            for node in ast.walk(ast.parse(_read(path))):
                 if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                         and node.func.attr in CONSTRUCTORS and isinstance(node.func.value, ast.Name)
                         and node.func.value.id == "torch" and not any(k.arg == "device" for k in node.keywords)):

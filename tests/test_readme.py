@@ -5,7 +5,8 @@ import re
 import pytest
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
-BLOCKS = re.findall(r"```python\n(.*?)```", open(README).read(), re.S)
+with open(README) as _f:
+    BLOCKS = re.findall(r"```python\n(.*?)```", _f.read(), re.S)
 
 
 @pytest.mark.parametrize("code", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
