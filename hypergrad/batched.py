@@ -224,7 +224,7 @@ def _task_rows(B: int, vs: Sequence[Tensor]) -> List[Tensor]:
 def batched_hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], fp_map, outer_loss,
                           solver: str = "cg", K: int = 100, tol: float = 1e-10, rtol: float = 0.0,
                           v0: Optional[Sequence[Tensor]] = None, set_grad: bool = True, per_task: bool = False,
-                          **solver_options) -> BatchedHypergradResult:
+                          check_tasks: bool = True, **solver_options) -> BatchedHypergradResult:
     """Hypergradients of B independent fixed points ``params`` (leading dimension B) in one call.
 
     grad = sum_b [dE_b/dlambda + (dPhi_b/dlambda)^T v_b],  (I - dPhi_b/dw_b)^T v_b = dE_b/dw_b.
@@ -250,6 +250,8 @@ def batched_hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], f
         g_w = tl.grad_or_zeros(losses.sum(), params, retain_graph=True)
         mapped = tl.check_like(fp_map(params, hparams), params, "fp_map(params, hparams)")
         matvec = lambda u: tl.sub(u, tl.grad_or_zeros(mapped, params, grad_outputs=u, retain_graph=True))
+        if check_tasks and B > 1:
+            _check_separable(mapped, params)
         v, info = BATCHED_SOLVERS[solver](matvec, g_w, v0, maxiter=K, tol=tol, rtol=rtol, **solver_options)
         if per_task:
             grads = _per_task_grads(losses, mapped, hparams, v, B)
@@ -261,6 +263,20 @@ def batched_hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], f
     if set_grad:
         tl.accumulate_grads(hparams, [g.sum(0) for g in grads] if per_task else grads)
     return BatchedHypergradResult(grads, v, info.iterations, info.residual, info.converged, info.solver)
+
+
+def _check_separable(mapped, params) -> None:
+    """One VJP with a cotangent on task 0 only: the other tasks' rows must come back exactly zero, else
+    Phi mixes tasks (e.g. a statistic over the task dimension) and the per-task systems are not independent."""
+    probe = [torch.zeros_like(p) for p in params]
+    for t in probe:
+        t[0] = 1.0
+    leaked = bdot(*2 * [tl.grad_or_zeros(mapped, params, grad_outputs=probe, retain_graph=True)])[1:]
+    leaked = torch.where(torch.isfinite(leaked), leaked, torch.zeros_like(leaked))  # NaN: the solver reports it
+    if bool((leaked != 0).any()):
+        raise ValueError(f"fp_map mixes tasks: the outputs of task 0 depend on the params of task(s) "
+                         f"{_tasks(torch.cat([leaked.new_zeros(1), leaked]) != 0)}; row b of fp_map(params, hparams) "
+                         "must depend on row b of the params only (no statistics over the task dimension)")
 
 
 def _per_task_grads(losses: Tensor, mapped, hparams, v, B: int) -> List[Tensor]:

@@ -136,6 +136,12 @@ def test_bad_inputs_raise_named_errors():
         too_long = lambda w, h: [w[0] + 3 * (p["fp_map"](w, h)[0] - w[0])]
         batched_hypergradient([p["w"]], hp, too_long, p["outer"], solver="fixed_point", K=500)
 
+    def mixes_tasks(w, h):  # a statistic over the task dimension couples the B systems
+        out = p["fp_map"](w, h)[0]
+        return [out - 0.01 * w[0].mean(0)]
+    with pytest.raises(ValueError, match="fp_map mixes tasks"):
+        batched_hypergradient([p["w"]], hp, mixes_tasks, p["outer"])
+
     def nan_in_task_2(w, h):
         out = p["fp_map"](w, h)[0]
         return [out + torch.tensor([0, 0, float("nan"), 0, 0, 0], dtype=DT)[:, None] * out]
