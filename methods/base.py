@@ -124,6 +124,18 @@ class BilevelSolver:
         self.warm_start = bool(warm_start)
         self.iteration = 0
         self.last: Optional[Result] = None
+        self._wrap = None
+
+    def data_parallel(self, group=None, reduce: str = "mean") -> "BilevelSolver":
+        """Make the solver data-parallel over ``group`` (``torch.distributed``): every rank passes its own
+        shard as the batches of :meth:`compute_gradients`, and both objectives become the global ones
+        through :func:`hypergrad.distributed.data_parallel` (``reduce="mean"``: equal shards, objectives
+        that are means over the shard; ``"sum"``: objectives already weighted by n_local / N). Every rank
+        then computes the upper gradient of one process holding all the data. Returns ``self``."""
+        from hypergrad.distributed import data_parallel
+        data_parallel(lambda p, h: p, group, reduce)  # early errors: no process group, a bad reduce
+        self._wrap = lambda fn: data_parallel(fn, group, reduce)
+        return self
 
     def _make_rule(self, lr: Optional[float], default: float = 0.1) -> SGDRule:
         if self.ll_opt is None:
@@ -148,7 +160,7 @@ class BilevelSolver:
         def loss(params, hparams):
             return check_scalar(objective(self.state(data, target, params, hparams)), name)
 
-        return loss
+        return loss if self._wrap is None else self._wrap(loss)
 
     def losses(self, ul_data, ul_target, ll_data, ll_target) -> Tuple[Loss, Loss]:
         """(inner_loss f, outer_loss F) over the core convention for this batch."""

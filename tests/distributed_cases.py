@@ -212,6 +212,43 @@ def case_module(data, wrap: Wrap, wrap_module: Callable[[nn.Module], nn.Module])
             "module_names_ok": [torch.tensor(float(names == ["bias", "weight"]))]}
 
 
+def case_methods(data, distributed: bool) -> Dict[str, List[Tensor]]:
+    """One ``compute_gradients`` of each solver of ``methods/`` (Implicit CG, Dynamic RAD, BDA, T-RAD,
+    BVFIM) with per-feature log-L2 weights as the upper model; ``.data_parallel()`` on the workers."""
+    import methods
+
+    class Upper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lam = nn.Parameter(hparams0()[0].detach().clone())
+
+    def ll_objective(state):
+        w = state["lower_model"]
+        return bce(w(state["data"]).squeeze(1), state["target"]) + 0.5 * (state["upper_model"].lam.exp()
+                                                                          * w.weight.squeeze(0) ** 2).sum()
+
+    def ul_objective(state):
+        return bce(state["lower_model"](state["data"]).squeeze(1), state["target"])
+
+    builds = {
+        "methods_implicit": lambda u, l: methods.Implicit(ul_objective, u, ll_objective, l, STEP, 60, 1e-13,
+                                                          lower_loop=T),
+        "methods_rad": lambda u, l: methods.Dynamic(ll_objective, T, u, ul_objective, l, lr=STEP),
+        "methods_bda": lambda u, l: methods.Dynamic(ll_objective, T, u, ul_objective, l, lr=STEP, alpha=0.3),
+        "methods_trad": lambda u, l: methods.Dynamic(ll_objective, T, u, ul_objective, l, lr=STEP, truncate_iters=10),
+        "methods_bvfim": lambda u, l: methods.BVFIM(ul_objective, u, ll_objective, ll_model=l, lower_loop=T, y_loop=T),
+    }
+    out = {}
+    for name, build in builds.items():
+        upper, lower = Upper(), linear_model()
+        solver = build(upper, lower)
+        if distributed:
+            solver.data_parallel()
+        loss = solver.compute_gradients(data["Xva"], data["yva"], data["Xtr"], data["ytr"])
+        out[name] = [upper.lam.grad.detach().clone(), loss.detach().reshape(1)]
+    return out
+
+
 def case_local(data) -> Dict[str, List[Tensor]]:
     """The hypergradient of this rank's shard alone (no wrapping), to show it is not the global one."""
     inner, outer = losses(data)
@@ -263,6 +300,7 @@ def worker(rank: int, world_size: int, port: int, out_dir: str, w_star: List[Ten
         results = all_cases(mine, hgd.data_parallel, w_star, wrap_module=ddp)
         results.update(case_sum_unequal(shard(data, rank, UNEQUAL), hgd.data_parallel, w_star))
         results.update(case_local(mine))
+        results.update(case_methods(mine, distributed=True))
         results["w_star_unchanged"] = [torch.tensor(float(all(torch.equal(a, b) for a, b in zip(w_star, w_before))))]
         results["errors"] = error_cases(rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))

@@ -58,6 +58,7 @@ def reference(w_star):
     data = dc.shard(dc.full_data(), 0, {"train": [dc.N_TRAIN], "val": [dc.N_VAL]})
     out = dc.all_cases(data, dc.identity_wrap, w_star)
     out.update(dc.case_sum_unequal(data, dc.identity_wrap, w_star))
+    out.update(dc.case_methods(data, distributed=False))
     return out
 
 
@@ -69,7 +70,7 @@ def rel_err(xs, ys) -> float:
 SOLVERS = ["cg", "minres", "gmres", "cg_normaleq", "dense", "fixed_point", "neumann"]
 EQUAL_SHARD_CASES = SOLVERS + [s + "_dotgrad" for s in SOLVERS] + [
     "cg_wrapper", "cg_wrapped_map", "second_order", "trajectory", "reverse", "reverse_unroll", "module",
-    "module_loaded"]
+    "module_loaded", "methods_implicit", "methods_rad", "methods_bda", "methods_trad", "methods_bvfim"]
 
 
 @pytest.mark.parametrize("case", EQUAL_SHARD_CASES + ["sum_cg", "sum_reverse_unroll"])
