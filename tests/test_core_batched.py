@@ -186,3 +186,21 @@ def test_batched_host_reads_scale_with_checks_not_iterations(solver, host_reads)
     host_reads["stop"]()
     assert int(info.iterations.min()) >= K - 1
     assert host_reads["n"] <= 4 * (K // every) + 6, host_reads["n"]
+
+
+@pytest.mark.parametrize("solver", sorted(BATCHED_SOLVERS))
+def test_a_converged_task_stops_moving(solver):
+    """Each task's answer in the batch is bitwise its answer alone: a task that has converged is frozen
+    while the others iterate (diagonal systems, so the arithmetic of a row does not depend on B)."""
+    g = torch.Generator().manual_seed(3)
+    n = 12
+    fast = torch.linspace(0.85, 0.9, n, dtype=DT)  # condition 1.06: a few steps, residual not exactly 0
+    slow = torch.linspace(0.05, 0.95, n, dtype=DT)  # condition 19: many more steps
+    D = torch.stack([fast, slow])
+    b = torch.randn(2, n, generator=g, dtype=DT)
+    solve = BATCHED_SOLVERS[solver]
+    x, info = solve(lambda u: [D * u[0]], [b], maxiter=2000, tol=1e-11)
+    alone, info0 = solve(lambda u: [D[:1] * u[0]], [b[:1]], maxiter=2000, tol=1e-11)
+    assert bool(info.converged.all()) and info.iterations[0] < info.iterations[1]
+    assert torch.equal(x[0][0], alone[0][0]) and int(info.iterations[0]) == int(info0.iterations[0])
+    assert (D * x[0] - b).norm(dim=1).max() <= 1e-11  # the tolerance, on the true residuals
