@@ -65,7 +65,7 @@ class _TaskMonitor:
                  check_every: Optional[int], divergence_factor: float):
         if tol < 0 or rtol < 0:
             raise ValueError(f"tolerances must be >= 0, got tol={tol}, rtol={rtol}")
-        self.name, self.factor = name, divergence_factor
+        self.name = name
         self.every = check_every or (1 if b[0].device.type == "cpu" else 10)
         self.threshold = torch.clamp(rtol * bdot(b, b).sqrt(), min=tol)
         self.r0 = r0
@@ -123,13 +123,14 @@ def batched_cg(matvec: BatchMatVec, b, x0=None, *, maxiter: int = 100, tol: floa
     active = mon.active(rr.sqrt())
     task_its = torch.full_like(rr, its, dtype=torch.long)
     p, k, done, broke = r, 0, not bool(active.any()), torch.zeros_like(active)
+    true_r = True  # r is b - A x computed directly (not the recurrence)
     while not done and k < maxiter:
         Ap = matvec(p)
         k += 1
         pAp = bdot(p, Ap)
         broke = broke | (active & (pAp == 0))
         alpha = _zero_where(active, rr / torch.where(active & (pAp != 0), pAp, torch.ones_like(pAp)))
-        x, r = baxpy(alpha, p, x), baxpy(-alpha, Ap, r)
+        x, r, true_r = baxpy(alpha, p, x), baxpy(-alpha, Ap, r), False
         task_its += active
         rr_new = bdot(r, r)
         active = active & mon.active(rr_new.sqrt())
@@ -138,7 +139,7 @@ def batched_cg(matvec: BatchMatVec, b, x0=None, *, maxiter: int = 100, tol: floa
                 raise BreakdownError(f"batched cg broke down for task(s) {_tasks(broke)} at iteration {k}: "
                                      "p^T A p = 0 (an indefinite or singular system)")
             if mon.check(k, rr_new.sqrt(), active, force=True):  # every recurrence converged: confirm
-                r = tl.sub(b, matvec(x))
+                r, true_r = tl.sub(b, matvec(x)), True
                 task_its += 1
                 rr = bdot(r, r)
                 active = mon.active(rr.sqrt())
@@ -146,7 +147,7 @@ def batched_cg(matvec: BatchMatVec, b, x0=None, *, maxiter: int = 100, tol: floa
                 continue
         beta = _zero_where(active, rr_new / torch.where(rr > 0, rr, torch.ones_like(rr)))
         p, rr = baxpy(beta, p, r), rr_new
-    if not done:  # out of iterations: report true residuals
+    if not true_r:  # out of iterations: report true residuals
         r = tl.sub(b, matvec(x))
         task_its += 1
         rr = bdot(r, r)
