@@ -109,13 +109,8 @@ class _Trajectory:
         """One step back from a = a_{t+1} at w = w_t: ((dPhi_t/dw)^T a, (dPhi_t/dlambda)^T a, Phi_t(w_t))."""
         leaves = tl.detached_leaves(w)
         out = self.mapped(t, leaves)
-        pairs = [(o, g) for o, g in zip(out, a) if o.requires_grad]  # constant outputs contribute nothing
-        if pairs:
-            outs, cots = zip(*pairs)
-            g = tl.grad_or_zeros(list(outs), leaves + self.hparams, grad_outputs=list(cots), retain_graph=False)
-        else:
-            g = tl.zeros_like(leaves + self.hparams)
-        return g[:len(w)], g[len(w):], [o.detach() for o in out]
+        a_t, g_t = tl.step_vjp(out, leaves, self.hparams, a)
+        return a_t, g_t, [o.detach() for o in out]
 
 
 def _forward(traj: _Trajectory, w0: List[Tensor], T: int, keep_at: List[int]):

@@ -225,9 +225,8 @@ def reverse(params_history, hparams, update_map_history, outer_loss, set_grad=Tr
         for t in range(len(update_map_history) - 1, -1, -1):
             mapped = tl.check_like(update_map_history[t](history[t], hparams), history[t],
                                    f"update_map_history[{t}](params, hparams)")
-            step = tl.grad_or_zeros(mapped, history[t] + hparams, grad_outputs=alpha, retain_graph=False)
-            alpha = step[:len(history[t])]
-            grads = [g + s for g, s in zip(grads, step[len(history[t]):])]
+            alpha, g_t = tl.step_vjp(mapped, history[t], hparams, alpha)
+            grads = [g + s for g, s in zip(grads, g_t)]
     tl.assert_finite(grads, "the hypergradient")
     if set_grad:
         tl.accumulate_grads(hparams, grads)

@@ -70,6 +70,18 @@ def grad_or_zeros(outputs, inputs: Sequence[Tensor], grad_outputs=None, retain_g
     return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
 
 
+def step_vjp(outputs: Sequence[Tensor], params: Sequence[Tensor], hparams: Sequence[Tensor],
+             cotangents: Sequence[Tensor]):
+    """One step of reverse accumulation: ((d out/d params)^T c, (d out/d hparams)^T c), zeros for outputs
+    that are constant and for unused inputs; the step's graph is freed."""
+    pairs = [(o, c) for o, c in zip(outputs, cotangents) if o.requires_grad]
+    if not pairs:
+        return zeros_like(params), zeros_like(hparams)
+    outs, cots = zip(*pairs)
+    g = grad_or_zeros(list(outs), list(params) + list(hparams), grad_outputs=list(cots), retain_graph=False)
+    return g[:len(params)], g[len(params):]
+
+
 def accumulate_grads(hparams: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
     """hparam.grad += grad for each pair, creating ``.grad`` where missing (like ``.backward()``)."""
     for h, g in zip(hparams, grads):
