@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.func import grad, vmap
 
 import hypergrad as hg
+from hypergrad.batched import bdot
 
 
 def load_digits_by_class(dtype=torch.float64):
@@ -78,11 +79,6 @@ def task_outer_loss(w, X, Y):
     return F.cross_entropy(logits(w, X), Y)
 
 
-def _task_norms(ts):
-    """Per-task Euclidean norms of a batched params list."""
-    return torch.sqrt(sum((t.reshape(t.shape[0], -1) ** 2).sum(1) for t in ts))
-
-
 class TaskBatch:
     """The B tasks' inner problem, fixed-point map and query losses (all vectorized over tasks)."""
 
@@ -99,7 +95,7 @@ class TaskBatch:
         for t in range(T):
             g = self._grads(w, theta, log_lam, self.xs, self.ys)
             w = [a - self.step * gi for a, gi in zip(w, g)]
-            if tol > 0 and t % 10 == 9 and self.step * _task_norms(g).max() < tol:
+            if tol > 0 and t % 10 == 9 and self.step * bdot(g, g).sqrt().max() < tol:
                 break
         return w
 
@@ -112,7 +108,7 @@ class TaskBatch:
     def fixed_point_residual(self, params, hparams):
         """max_b ||Phi_b(w) - w_b||: how far the adapted weights are from the inner solutions."""
         g = self._grads(params, [h.detach() for h in hparams[:4]], hparams[4].detach(), self.xs, self.ys)
-        return float(self.step * _task_norms(g).max())
+        return float(self.step * bdot(g, g).sqrt().max())
 
     def query_losses(self, params, hparams):
         return vmap(task_outer_loss)(params, self.xq, self.yq)
