@@ -12,6 +12,7 @@ hparams (leading dimension B) get one row per task.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
@@ -20,180 +21,37 @@ import torch
 from torch import Tensor
 
 from . import tensor_list as tl
-from .errors import BreakdownError, DivergenceError, NonFiniteError
+from .errors import NonFiniteError
+from .hypergradients import check_fixed_point, check_solver_call
+from .linear_solvers import SOLVERS, SolveInfo, baxpy, bdot  # noqa: F401 (bdot, baxpy: public)
 
 BatchMatVec = Callable[[List[Tensor]], List[Tensor]]
 
-
-@dataclass
-class BatchedSolveInfo:
-    """Per-task diagnostics, each a tensor of shape [B]: ``iterations`` (products the task needed),
-    final ``residual`` norm, ``converged``."""
-    solver: str
-    iterations: Tensor
-    residual: Tensor
-    converged: Tensor
+#: one implementation per solver: the core's, over rows (``batched=True``); per-task [B] diagnostics
+BATCHED_SOLVERS: Dict[str, Callable] = {name: functools.partial(SOLVERS[name], batched=True)
+                                        for name in ("cg", "fixed_point", "neumann")}
+BatchedSolveInfo = SolveInfo
 
 
 @dataclass
 class BatchedHypergradResult:
     """``grads`` (one per hparam; summed over tasks for shared hparams unless ``per_task``), the
-    adjoints ``v`` (leading dimension B: pass back as ``v0``), and per-task [B] diagnostics."""
+    adjoints ``v`` (leading dimension B: pass back as ``v0``), per-task [B] diagnostics of the adjoint
+    solve, and per-task inner fixed-point residuals ``fp_residual`` = ||Phi_b(w) - w_b|| (absolute) and
+    ``fp_residual_rel`` (relative to max(||w_b||, ||Phi_b(w)||))."""
     grads: List[Tensor]
     v: List[Tensor]
     iterations: Tensor
     residual: Tensor
     converged: Tensor
     solver: str
-
-
-def bdot(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
-    """Per-task inner products <x_b, y_b>, shape [B]."""
-    return sum((x * y).reshape(x.shape[0], -1).sum(1) for x, y in zip(xs, ys))
-
-
-def baxpy(a: Tensor, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> List[Tensor]:
-    """a_b * x_b + y_b for every task b (``a`` of shape [B])."""
-    return [y + a.reshape(-1, *([1] * (x.dim() - 1))) * x for x, y in zip(xs, ys)]
-
-
-class _TaskMonitor:
-    """Per-task stopping rule (residual <= max(tol, rtol ||b_b||)) and safety checks, reading the
-    device only every ``check_every`` iterations (every iteration on the CPU)."""
-
-    def __init__(self, name: str, b: Sequence[Tensor], r0: Tensor, tol: float, rtol: float,
-                 check_every: Optional[int], divergence_factor: float):
-        if tol < 0 or rtol < 0:
-            raise ValueError(f"tolerances must be >= 0, got tol={tol}, rtol={rtol}")
-        self.name = name
-        self.every = check_every or (1 if b[0].device.type == "cpu" else 10)
-        self.threshold = torch.clamp(rtol * bdot(b, b).sqrt(), min=tol)
-        self.r0 = r0
-        self._raise_if_bad(0, r0, "the right-hand side or the starting point")
-        self.limit = divergence_factor * torch.maximum(r0, self.threshold)
-
-    def active(self, residual: Tensor) -> Tensor:
-        return residual > self.threshold
-
-    def check(self, it: int, residual: Tensor, active: Tensor, force: bool = False) -> bool:
-        """True when every task has converged; raises on NaN/Inf or divergence (host read on checks)."""
-        if not force and it % self.every != 0:
-            return False
-        self._raise_if_bad(it, residual, "the iterates")
-        return not bool(active.any())
-
-    def _raise_if_bad(self, it: int, residual: Tensor, what: str) -> None:
-        bad = ~torch.isfinite(residual)
-        if bool(bad.any()):
-            raise NonFiniteError(f"{self.name}: NaN or Inf in {what} of task(s) {_tasks(bad)} after {it} iterations")
-        if it > 0:
-            grew = residual > self.limit
-            if bool(grew.any()):
-                raise DivergenceError(f"{self.name} diverges for task(s) {_tasks(grew)}: residual "
-                                      f"{float(residual[grew].max()):.3e} after {it} iterations")
+    fp_residual: Optional[Tensor] = None
+    fp_residual_rel: Optional[Tensor] = None
 
 
 def _tasks(mask: Tensor, show: int = 8) -> str:
     idx = mask.nonzero().flatten().tolist()
     return ", ".join(map(str, idx[:show])) + (f", ... ({len(idx)} in all)" if len(idx) > show else "")
-
-
-def _start(matvec: BatchMatVec, b: Sequence[Tensor], x0):
-    if x0 is None:
-        return tl.zeros_like(b), list(b), 0
-    x = [t.detach().clone() for t in tl.check_like(x0, b, "v0 (warm start)", "the adjoints")]
-    return x, tl.sub(b, matvec(x)), 1
-
-
-def _zero_where(mask: Tensor, a: Tensor) -> Tensor:
-    return torch.where(mask, a, torch.zeros_like(a))
-
-
-def batched_cg(matvec: BatchMatVec, b, x0=None, *, maxiter: int = 100, tol: float = 1e-10, rtol: float = 0.0,
-               check_every: Optional[int] = None, divergence_factor: float = 1e6):
-    """Conjugate gradient on B independent SPD systems at once (per-task alpha, beta and stopping).
-
-    When every task's recurrence residual is below its tolerance, the true residuals b - A x are
-    computed (one product) and the tasks that are not below restart from them, so ``converged``
-    always refers to true residuals. p^T A p = 0 with a nonzero residual raises :class:`BreakdownError`.
-    """
-    x, r, its = _start(matvec, b, x0)
-    rr = bdot(r, r)
-    mon = _TaskMonitor("batched cg", b, rr.sqrt(), tol, rtol, check_every, divergence_factor)
-    active = mon.active(rr.sqrt())
-    task_its = torch.full_like(rr, its, dtype=torch.long)
-    p, k, done, broke = r, 0, not bool(active.any()), torch.zeros_like(active)
-    true_r = True  # r is b - A x computed directly (not the recurrence)
-    while not done and k < maxiter:
-        Ap = matvec(p)
-        k += 1
-        pAp = bdot(p, Ap)
-        broke = broke | (active & (pAp == 0))
-        alpha = _zero_where(active, rr / torch.where(active & (pAp != 0), pAp, torch.ones_like(pAp)))
-        x, r, true_r = baxpy(alpha, p, x), baxpy(-alpha, Ap, r), False
-        task_its += active
-        rr_new = bdot(r, r)
-        active = active & mon.active(rr_new.sqrt())
-        if k % mon.every == 0 or k == maxiter:
-            if bool(broke.any()):
-                raise BreakdownError(f"batched cg broke down for task(s) {_tasks(broke)} at iteration {k}: "
-                                     "p^T A p = 0 (an indefinite or singular system)")
-            if mon.check(k, rr_new.sqrt(), active, force=True):  # every recurrence converged: confirm
-                r, true_r = tl.sub(b, matvec(x)), True
-                task_its += 1
-                rr = bdot(r, r)
-                active = mon.active(rr.sqrt())
-                done, p = not bool(active.any()), r  # the unconverged restart from their true residual
-                continue
-        beta = _zero_where(active, rr_new / torch.where(rr > 0, rr, torch.ones_like(rr)))
-        p, rr = baxpy(beta, p, r), rr_new
-    if not true_r:  # out of iterations: report true residuals
-        r = tl.sub(b, matvec(x))
-        task_its += 1
-        rr = bdot(r, r)
-        mon.check(k, rr.sqrt(), active, force=True)
-    res = rr.sqrt()
-    return x, BatchedSolveInfo("cg", task_its, res, res <= mon.threshold)
-
-
-def _richardson(name: str, neumann: bool):
-    """Per-task fixed-point iteration x <- x + (b - A x) (residual: the last change), or the truncated
-    Neumann series x = x0 + sum_{i<=K} (I - A)^i r0 (residual: the last term's norm)."""
-
-    def solve(matvec: BatchMatVec, b, x0=None, *, maxiter: int = 100, tol: float = 1e-10, rtol: float = 0.0,
-              check_every: Optional[int] = None, divergence_factor: float = 1e6):
-        x, r, its = _start(matvec, b, x0)
-        if neumann:
-            x = tl.axpy(1.0, r, x)  # r is the series' current term
-        res = bdot(r, r).sqrt()
-        mon = _TaskMonitor(f"batched {name}", b, res, tol, rtol, check_every, divergence_factor)
-        active = mon.active(res)
-        task_its = torch.full_like(res, its, dtype=torch.long)
-        for k in range(maxiter):
-            if k % mon.every == 0 and not bool(active.any()):
-                break
-            if neumann:
-                r = tl.sub(r, matvec(r))
-            elif k > 0:  # the first residual is b (cold) or was computed by _start (warm)
-                r = tl.sub(b, matvec(x))
-            x = baxpy(active.to(res.dtype), r, x)
-            if neumann or k > 0:
-                task_its += active
-            res = torch.where(active, bdot(r, r).sqrt(), res)
-            active = active & mon.active(res)
-            mon.check(k + 1, res, active, force=(k + 1 == maxiter))
-        return x, BatchedSolveInfo(name, task_its, res, res <= mon.threshold)
-
-    solve.__name__ = solve.__qualname__ = f"batched_{name}"
-    solve.__doc__ = _richardson.__doc__
-    return solve
-
-
-batched_fixed_point = _richardson("fixed_point", neumann=False)
-batched_neumann = _richardson("neumann", neumann=True)
-
-BATCHED_SOLVERS: Dict[str, Callable] = {"cg": batched_cg, "fixed_point": batched_fixed_point,
-                                        "neumann": batched_neumann}
 
 
 def _task_count(params: Sequence[Tensor]) -> int:
@@ -223,9 +81,10 @@ def _task_rows(B: int, vs: Sequence[Tensor]) -> List[Tensor]:
 
 
 def batched_hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], fp_map, outer_loss,
-                          solver: str = "cg", K: int = 100, tol: float = 1e-10, rtol: float = 0.0,
-                          v0: Optional[Sequence[Tensor]] = None, set_grad: bool = True, per_task: bool = False,
-                          check_tasks: bool = True, **solver_options) -> BatchedHypergradResult:
+                          solver: str = "cg", K: int = 100, tol: Optional[float] = None,
+                          rtol: Optional[float] = None, v0: Optional[Sequence[Tensor]] = None,
+                          set_grad: bool = True, per_task: bool = False, check_tasks: bool = True,
+                          fixed_point_tol: Optional[float] = None, **solver_options) -> BatchedHypergradResult:
     """Hypergradients of B independent fixed points ``params`` (leading dimension B) in one call.
 
     grad = sum_b [dE_b/dlambda + (dPhi_b/dlambda)^T v_b],  (I - dPhi_b/dw_b)^T v_b = dE_b/dw_b.
@@ -234,15 +93,17 @@ def batched_hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], f
         fp_map: batched map; row b of its output may depend only on row b of the params.
         outer_loss: returns the per-task losses, shape [B].
         solver: "cg", "fixed_point" or "neumann" (per-task convergence, see :data:`BATCHED_SOLVERS`).
-        K, tol, rtol, v0: as in :func:`hypergrad.hypergradient`, per task.
+        K, tol, rtol, v0, fixed_point_tol: as in :func:`hypergrad.hypergradient`, per task.
         per_task: return every hparam's gradient per task, shape [B, *hparam.shape] (row b: task b's
             hypergradient), instead of the sum over tasks (B batched VJPs). ``set_grad`` adds the sum.
+        check_tasks: reject maps that couple tasks (2 ceil(log2 B) probing VJPs, see :func:`_check_separable`).
         solver_options: ``check_every``, ``divergence_factor``.
     """
     if solver not in BATCHED_SOLVERS:
         raise ValueError(f"unknown batched solver {solver!r}; choose one of {sorted(BATCHED_SOLVERS)}")
-    if not isinstance(K, int) or K < 0:
-        raise ValueError(f"K must be a non-negative int, got {K!r}")
+    K = check_solver_call(solver, BATCHED_SOLVERS, K, solver_options)
+    for name, flag in (("set_grad", set_grad), ("per_task", per_task), ("check_tasks", check_tasks)):
+        tl.check_flag(flag, name)
     params, hparams = tl.check_inputs(params, hparams)
     B = _task_count(params)
     with torch.enable_grad():
@@ -251,6 +112,11 @@ def batched_hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], f
         g_w = tl.grad_or_zeros(losses.sum(), params, retain_graph=True)
         mapped = tl.check_like(fp_map(params, hparams), params, "fp_map(params, hparams)")
         matvec = lambda u: tl.sub(u, tl.grad_or_zeros(mapped, params, grad_outputs=u, retain_graph=True))
+        if not any(m.requires_grad for m in mapped):
+            raise ValueError("fp_map(params, hparams) returned tensors without a graph (detached, .data, or "
+                             "computed under torch.no_grad()): build its output from params and hparams")
+        fp_abs, fp_rel = _fp_residuals(mapped, params)
+        check_fixed_point(fp_abs.tolist(), fp_rel.tolist(), fixed_point_tol)
         if check_tasks and B > 1:
             _check_separable(mapped, params)
         v, info = BATCHED_SOLVERS[solver](matvec, g_w, v0, maxiter=K, tol=tol, rtol=rtol, **solver_options)
@@ -263,21 +129,53 @@ def batched_hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], f
     tl.assert_finite(grads, "the batched hypergradient")
     if set_grad:
         tl.accumulate_grads(hparams, [g.sum(0) for g in grads] if per_task else grads)
-    return BatchedHypergradResult(grads, v, info.iterations, info.residual, info.converged, info.solver)
+    return BatchedHypergradResult(grads, v, info.iterations, info.residual, info.converged, info.solver,
+                                  fp_abs, fp_rel)
+
+
+def _fp_residuals(mapped, params):
+    """Per task: ||Phi_b(w) - w_b|| and that over max(||w_b||, ||Phi_b(w)||)."""
+    d = bdot(*2 * [[(m - p).detach() for m, p in zip(mapped, params)]]).sqrt()
+    scale = torch.maximum(bdot(params, params).detach().sqrt(), bdot(mapped, mapped).detach().sqrt())
+    return d, torch.where(scale > 0, d / torch.where(scale > 0, scale, torch.ones_like(scale)), torch.zeros_like(d))
 
 
 def _check_separable(mapped, params) -> None:
-    """One VJP with a cotangent on task 0 only: the other tasks' rows must come back exactly zero, else
-    Phi mixes tasks (e.g. a statistic over the task dimension) and the per-task systems are not independent."""
-    probe = [torch.zeros_like(p) for p in params]
-    for t in probe:
-        t[0] = 1.0
-    leaked = bdot(*2 * [tl.grad_or_zeros(mapped, params, grad_outputs=probe, retain_graph=True)])[1:]
-    leaked = torch.where(torch.isfinite(leaked), leaked, torch.zeros_like(leaked))  # NaN: the solver reports it
-    if bool((leaked != 0).any()):
-        raise ValueError(f"fp_map mixes tasks: the outputs of task 0 depend on the params of task(s) "
-                         f"{_tasks(torch.cat([leaked.new_zeros(1), leaked]) != 0)}; row b of fp_map(params, hparams) "
-                         "must depend on row b of the params only (no statistics over the task dimension)")
+    """Reject a map that couples any two tasks. For each bit j of the task index, a VJP with random
+    cotangents on the tasks whose bit j is 1 must give exactly zero on the rows of the tasks whose bit j is 0,
+    and vice versa: any pair of distinct tasks differs in some bit, so 2 ceil(log2 B) VJPs (one batched
+    call) see every coupling (statistics over the task dimension, a shared normalization, a mixing matmul)."""
+    B = params[0].shape[0]
+    bits = max(1, math.ceil(math.log2(B)))
+    idx = torch.arange(B, device="cpu")
+    groups = torch.stack([((idx >> j) & 1) == side for j in range(bits) for side in (1, 0)])  # [P, B]
+    gen = torch.Generator().manual_seed(0)  # the caller's random stream is not touched
+    probes = []
+    for m in mapped:
+        w = torch.rand((groups.shape[0], *m.shape), generator=gen, dtype=torch.float64,
+                       device="cpu") + 0.5
+        mask = groups.reshape(*groups.shape, *([1] * (m.dim() - 1)))
+        probes.append((w * mask).to(dtype=m.dtype, device=m.device))
+    outs = [(m, pr) for m, pr in zip(mapped, probes) if m.requires_grad]
+    try:
+        got = torch.autograd.grad([m for m, _ in outs], params, grad_outputs=[pr for _, pr in outs],
+                                  retain_graph=True, allow_unused=True, is_grads_batched=True)
+    except RuntimeError:  # a map without vmap rules: one probe at a time
+        got = [torch.stack(col) for col in zip(*[tl.grad_or_zeros([m for m, _ in outs], params,
+                                                                   grad_outputs=[pr[i] for _, pr in outs])
+                                                 for i in range(groups.shape[0])])]
+    leaked = torch.zeros(B, dtype=torch.bool, device=params[0].device)
+    for g in got:
+        if g is None:
+            continue
+        g = torch.where(torch.isfinite(g), g, torch.zeros_like(g))  # NaN: the solver reports it
+        nonzero = (g != 0).reshape(g.shape[0], B, -1).any(-1)  # [P, B]
+        leaked |= (nonzero & ~groups.to(nonzero.device)).any(0)
+    if bool(leaked.any()):
+        raise ValueError(f"fp_map mixes tasks: the params of task(s) {_tasks(leaked)} change the outputs of other "
+                         "tasks; row b of fp_map(params, hparams) must depend on row b of the params only (no "
+                         "statistics over the task dimension, no mixing across rows); pass check_tasks=False only "
+                         "if the coupling is intended and you solve the joint system another way")
 
 
 def _per_task_grads(losses: Tensor, mapped, hparams, v, B: int) -> List[Tensor]:

@@ -19,3 +19,11 @@ class BreakdownError(HypergradError, ArithmeticError):
 
 class SingularSystemError(HypergradError, ArithmeticError):
     """The linear system (I - dPhi/dw)^T v = dE/dw is singular, so the hypergradient is undefined."""
+
+
+class NotAFixedPointError(HypergradError, ValueError):
+    """``params`` are not (close enough to) a fixed point of ``fp_map``: ||Phi(w) - w|| exceeds ``fixed_point_tol``."""
+
+
+class FixedPointWarning(UserWarning):
+    """``params`` are far from a fixed point of ``fp_map``: the implicit hypergradient may be meaningless."""

@@ -9,6 +9,9 @@ Problem: min_lambda E(w(lambda), lambda) with w(lambda) = Phi(w(lambda), lambda)
 """
 from __future__ import annotations
 
+import inspect
+import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
@@ -16,7 +19,11 @@ import torch
 from torch import Tensor
 
 from . import tensor_list as tl
-from .linear_solvers import SOLVERS
+from .errors import DivergenceError, FixedPointWarning, NotAFixedPointError
+from .linear_solvers import CONTRACTION_GROWTH, SOLVERS, _Monitor
+
+#: relative fixed-point residual above which ``hypergradient`` warns by default (``fixed_point_tol=None``)
+FIXED_POINT_WARN_RTOL = 1e-3
 
 FpMap = Callable[[List[Tensor], List[Tensor]], List[Tensor]]
 OuterLoss = Callable[[List[Tensor], List[Tensor]], Tensor]
@@ -25,13 +32,21 @@ OuterLoss = Callable[[List[Tensor], List[Tensor]], Tensor]
 @dataclass
 class HypergradResult:
     """``grads`` (one per hparam), the adjoint ``v`` (pass it back as ``v0`` to warm-start the next
-    outer step), the solver's ``iterations`` (products with dPhi/dw^T), final ``residual``, ``converged``."""
+    outer step), the solver's ``iterations`` (products with dPhi/dw^T), final ``residual``, ``converged``
+    (of the adjoint solve), and the inner fixed-point residual ``fp_residual`` = ||Phi(w) - w|| with
+    ``fp_residual_rel`` = ||Phi(w) - w|| / max(||w||, ||Phi(w)||).
+
+    The hypergradient is exact only at a fixed point. For a map that contracts with factor rho,
+    ||w - w*|| <= ||Phi(w) - w|| / (1 - rho), and the error of the hypergradient is O(||w - w*||) (its
+    constant: the Lipschitz constants of dE/dw and dPhi, times the norm of the adjoint)."""
     grads: List[Tensor]
     v: List[Tensor]
     iterations: int
     residual: float
     converged: bool
     solver: str
+    fp_residual: float = float("nan")
+    fp_residual_rel: float = float("nan")
 
 
 class _FixedPointSystem:
@@ -54,15 +69,28 @@ class _FixedPointSystem:
             self.matmat = lambda: operator
 
     def map(self) -> List[Tensor]:
-        out = self.fp_map(self.params, self.hparams)
-        return tl.check_like(out, self.params, "fp_map(params, hparams)")
+        out = tl.check_like(self.fp_map(self.params, self.hparams), self.params, "fp_map(params, hparams)")
+        if not any(t.requires_grad for t in out):
+            raise ValueError("fp_map(params, hparams) returned tensors without a graph (detached, .data, or computed "
+                             "under torch.no_grad()): the hypergradient needs dPhi/dw and dPhi/dlambda; build the "
+                             "map's output from params and hparams with differentiable operations")
+        return out
+
+    def residual(self) -> tuple:
+        """(||Phi(w) - w||, ||Phi(w) - w|| / max(||w||, ||Phi(w)||)): how far params are from a fixed point."""
+        mapped = self.mapped()
+        d = tl.norm([(m - p).detach() for m, p in zip(mapped, self.params)])
+        scale = torch.maximum(tl.norm([p.detach() for p in self.params]), tl.norm([m.detach() for m in mapped]))
+        a, s = torch.stack([d, scale]).tolist()
+        return a, (a / s if s > 0 else 0.0)
 
     def mapped(self) -> List[Tensor]:
         return self.map() if self.stochastic else self._mapped
 
     def vjp(self, u, wrt) -> List[Tensor]:
-        """(dPhi/d wrt)^T u."""
-        return tl.grad_or_zeros(self.mapped(), wrt, grad_outputs=u, retain_graph=True,
+        """(dPhi/d wrt)^T u (outputs without a graph, constant components of Phi, contribute zero)."""
+        pairs = [(m, c) for m, c in zip(self.mapped(), u) if m.requires_grad]
+        return tl.grad_or_zeros([m for m, _ in pairs], wrt, grad_outputs=[c for _, c in pairs], retain_graph=True,
                                 create_graph=self.create_graph)
 
     def matvec(self, u) -> List[Tensor]:
@@ -109,18 +137,22 @@ def _prepare(params, hparams, outer_loss: OuterLoss, create_graph: bool):
 
 
 def hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], fp_map: FpMap, outer_loss: OuterLoss,
-                  solver: str = "cg", K: int = 100, tol: float = 1e-10, rtol: float = 0.0,
+                  solver: str = "cg", K: int = 100, tol: Optional[float] = None, rtol: Optional[float] = None,
                   v0: Optional[Sequence[Tensor]] = None, create_graph: bool = False, set_grad: bool = True,
                   stochastic: bool = False, operator: Optional[Tensor] = None,
-                  **solver_options) -> HypergradResult:
+                  fixed_point_tol: Optional[float] = None, **solver_options) -> HypergradResult:
     """Hypergradient at the fixed point ``params`` of ``fp_map``, solving for the adjoint with ``solver``.
 
     grad = dE/dlambda + (dPhi/dlambda)^T v, where (I - dPhi/dw)^T v = dE/dw.
 
     Args:
         solver: "fixed_point", "neumann", "cg", "cg_normaleq", "minres", "gmres" or "dense".
-        K: maximum number of iterations of the solver.
-        tol, rtol: stop when the residual is <= max(tol, rtol * ||dE/dw||).
+        K: maximum number of iterations of the solver (a non-negative integer).
+        tol, rtol: stop when the residual is <= max(tol, rtol * ||dE/dw||). Neither given: relative,
+            ``rtol = default_rtol(dtype)`` (1e-10 in float64, 1.2e-5 in float32), so scaling the outer loss
+            by c scales the result by c. One given: the other is 0. An absolute ``tol`` at or above a
+            nonzero ||dE/dw|| is not taken as a solved system (the zero adjoint): a warning, and the
+            default relative tolerance instead.
         v0: warm start for the adjoint (e.g. ``result.v`` of the previous outer step).
         create_graph: keep the graph so the hypergradient can be differentiated again w.r.t. hparams
             (at the given params, which are treated as constants).
@@ -129,16 +161,23 @@ def hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], fp_map: F
         operator: optional explicit (I - dPhi/dw)^T as an n x n matrix (n = numel of all params), used
             for the solve instead of VJPs through ``fp_map`` (e.g. a materialized KKT matrix); ``fp_map``
             still gives dPhi/dlambda.
-        solver_options: passed to the solver (``check_every``, ``divergence_factor``, ``restart``).
+        fixed_point_tol: the largest accepted ``fp_residual_rel`` (see :class:`HypergradResult`): above it,
+            :class:`NotAFixedPointError`. None: a :class:`FixedPointWarning` above
+            :data:`FIXED_POINT_WARN_RTOL` (1e-3). ``math.inf``: no check.
+        solver_options: passed to the solver (``check_every``, ``divergence_factor``, ``restart``); unknown
+            names are an error listing the valid ones.
     """
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; choose one of {sorted(SOLVERS)}")
-    if not isinstance(K, int) or K < 0:
-        raise ValueError(f"K must be a non-negative int, got {K!r}")
+    K = check_solver_call(solver, SOLVERS, K, solver_options)
+    for name, flag in (("create_graph", create_graph), ("set_grad", set_grad), ("stochastic", stochastic)):
+        tl.check_flag(flag, name)
     with torch.enable_grad():
         params, hparams, g_w, g_h = _prepare(params, hparams, outer_loss, create_graph)
         system = _FixedPointSystem(params, hparams, fp_map, stochastic, create_graph, operator)
+        fp_abs, fp_rel = system.residual()
+        check_fixed_point(fp_abs, fp_rel, fixed_point_tol)
         options = dict(maxiter=K, tol=tol, rtol=rtol, **solver_options)
+        if solver == "cg" and stochastic:
+            options.setdefault("check_symmetry", False)  # a different operator at every product
         if solver == "cg_normaleq":
             options["rmatvec"] = system.rmatvec
         if solver == "dense":
@@ -152,7 +191,43 @@ def hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], fp_map: F
     tl.assert_finite(grads, "the hypergradient")
     if set_grad:
         tl.accumulate_grads(hparams, grads)
-    return HypergradResult(grads, v, info.iterations, info.residual, info.converged, info.solver)
+    return HypergradResult(grads, v, info.iterations, info.residual, info.converged, info.solver, fp_abs, fp_rel)
+
+
+_SOLVE_ARGS = {"matvec", "b", "x0", "maxiter", "tol", "rtol", "batched", "rmatvec", "matmat"}
+
+
+def check_solver_call(solver: str, solvers: dict, K, options: dict) -> int:
+    """Validate a solver name, K (returned as an int) and the extra solver options against the solver's
+    signature; the errors list the valid choices."""
+    if solver not in solvers:
+        raise ValueError(f"unknown solver {solver!r}; choose one of {sorted(solvers)}")
+    K = tl.check_count(K, "K")
+    fn = solvers[solver]
+    valid = sorted(set(inspect.signature(fn).parameters) - _SOLVE_ARGS)
+    for name in options:
+        if name == "maxiter":
+            raise TypeError("maxiter is set by K (the maximum number of iterations): pass K=... instead")
+        if name not in valid:
+            raise TypeError(f"unknown option {name!r} for solver {solver!r}; its options are {valid}")
+    return K
+
+
+def check_fixed_point(fp_abs, fp_rel, fixed_point_tol: Optional[float]) -> None:
+    """Raise (``fixed_point_tol`` given) or warn (None) when params are far from a fixed point."""
+    if fixed_point_tol is not None and (isinstance(fixed_point_tol, bool) or not fixed_point_tol >= 0):
+        raise ValueError(f"fixed_point_tol must be a number >= 0 (math.inf: no check), got {fixed_point_tol!r}")
+    worst = max(fp_rel) if isinstance(fp_rel, (list, tuple)) else float(fp_rel)
+    if not math.isfinite(worst):
+        raise tl.NonFiniteError("fp_map(params, hparams) contains NaN or Inf")
+    msg = (f"params are not a fixed point of fp_map: ||Phi(w) - w|| = {max(fp_abs) if isinstance(fp_abs, (list, tuple)) else fp_abs:.3e}, "
+           f"{worst:.3e} relative to ||w||; the implicit hypergradient is exact only at a fixed point (its error "
+           "grows like ||Phi(w) - w|| / (1 - rho), rho the contraction factor): run the inner solver longer")
+    if fixed_point_tol is not None:
+        if worst > fixed_point_tol:
+            raise NotAFixedPointError(f"{msg} (fixed_point_tol={fixed_point_tol:g})")
+    elif worst > FIXED_POINT_WARN_RTOL:
+        warnings.warn(f"{msg}, or pass fixed_point_tol=math.inf to accept it", FixedPointWarning, stacklevel=3)
 
 
 def _implicit(solver: str):
@@ -160,7 +235,7 @@ def _implicit(solver: str):
 
     def method(params, hparams, K, fp_map, outer_loss, tol=1e-10, set_grad=True, stochastic=False):
         return hypergradient(params, hparams, fp_map, outer_loss, solver=solver, K=K, tol=tol,
-                             set_grad=set_grad, stochastic=stochastic).grads
+                             set_grad=tl.check_flag(set_grad, "set_grad"), stochastic=stochastic).grads
 
     method.__name__ = method.__qualname__ = solver
     method.__doc__ = (f"Hypergradient with the adjoint solved by {solver!r}, at most K iterations, stopping "
@@ -178,13 +253,13 @@ gmres = _implicit("gmres")
 def CG_normaleq(params, hparams, K, fp_map, outer_loss, tol=1e-10, set_grad=True):
     """CG on the normal equations (I - J)(I - J^T) v = (I - J) dE/dw; any nonsingular map."""
     return hypergradient(params, hparams, fp_map, outer_loss, solver="cg_normaleq", K=K, tol=tol,
-                         set_grad=set_grad).grads
+                         set_grad=tl.check_flag(set_grad, "set_grad")).grads
 
 
 def neumann(params, hparams, K, fp_map, outer_loss, tol=1e-10, set_grad=True):
     """Neumann series v = sum_{i<=K} (J^T)^i dE/dw; equals ``fixed_point`` with K + 1 steps."""
     return hypergradient(params, hparams, fp_map, outer_loss, solver="neumann", K=K, tol=tol,
-                         set_grad=set_grad).grads
+                         set_grad=tl.check_flag(set_grad, "set_grad")).grads
 
 
 cg = CG
@@ -196,12 +271,37 @@ def reverse_unroll(params, hparams, outer_loss, set_grad=True):
     params = tl.as_tensor_list(params, "params")
     hparams = tl.as_tensor_list(hparams, "hparams")
     tl.check_hparams(hparams)
+    tl.check_flag(set_grad, "set_grad")
+    _check_depends(params, hparams)
     loss = tl.scalar_loss(outer_loss, params, hparams, "outer_loss(params, hparams)")
     grads = tl.grad_or_zeros(loss, hparams, retain_graph=True)
     tl.assert_finite(grads, "the hypergradient")
     if set_grad:
         tl.accumulate_grads(hparams, grads)
     return grads
+
+
+def _check_depends(params, hparams) -> None:
+    """``params`` must have an autograd graph that reaches at least one hparam (a breadth-first walk of
+    the graph, stopping at the first hparam: the last inner step uses them, so this is quick)."""
+    if not any(p.grad_fn is not None for p in params):
+        raise ValueError("reverse_unroll differentiates through the inner solver's graph, but params have none "
+                         "(leaves, e.g. made by .detach().requires_grad_()): keep the graph of the inner steps "
+                         "(create_graph=True), or use an implicit method (hypergrad.cg, fixed_point) at a fixed point")
+    targets = {id(h) for h in hparams}
+    nodes = {id(h.grad_fn): None for h in hparams if h.grad_fn is not None}
+    queue, seen = [p.grad_fn for p in params if p.grad_fn is not None], set()
+    while queue:
+        fn = queue.pop(0)
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        if id(fn) in nodes or id(getattr(fn, "variable", None)) in targets:
+            return
+        queue.extend(nxt for nxt, _ in fn.next_functions)
+    raise ValueError("reverse_unroll: params do not depend on hparams (their graph never reaches an hparam): the "
+                     "hypergradient would be only dE/dlambda. Build the inner iterates from the hparams without "
+                     "detaching them, or use an implicit method at a fixed point")
 
 
 def reverse(params_history, hparams, update_map_history, outer_loss, set_grad=True, *, tol=None):
@@ -213,6 +313,7 @@ def reverse(params_history, hparams, update_map_history, outer_loss, set_grad=Tr
     """
     hparams = tl.as_tensor_list(hparams, "hparams")
     tl.check_hparams(hparams)
+    tl.check_flag(set_grad, "set_grad")
     history = [tl.detached_leaves(tl.as_tensor_list(p, f"params_history[{i}]"))
                for i, p in enumerate(params_history)]
     if len(update_map_history) != len(history) - 1:
@@ -237,6 +338,7 @@ def exact(opt_params_f, hparams, outer_loss, set_grad=True):
     """Backpropagate through a closed-form solution ``opt_params_f(hparams) -> params``."""
     hparams = tl.as_tensor_list(hparams, "hparams")
     tl.check_hparams(hparams)
+    tl.check_flag(set_grad, "set_grad")
     with torch.enable_grad():
         params = tl.as_tensor_list(opt_params_f(hparams), "opt_params_f(hparams)")
         return reverse_unroll(params, hparams, outer_loss, set_grad=set_grad)
@@ -253,6 +355,9 @@ def stoch_AID(params, hparams, outer_loss, K, J_inner=1, J_outer=1, fp_map=None,
     """
     if (fp_map is None) == (inner_loss is None):
         raise ValueError("stoch_AID needs exactly one of fp_map or inner_loss")
+    K = tl.check_count(K, "K")
+    J_inner, J_outer = tl.check_count(J_inner, "J_inner"), tl.check_count(J_outer, "J_outer")
+    tl.check_flag(set_grad, "set_grad")
     if J_inner != 1 and not stoch_inner:
         raise ValueError("J_inner > 1 only makes sense with stoch_inner=True")
     if J_outer != 1 and not stoch_outer:
@@ -272,10 +377,24 @@ def stoch_AID(params, hparams, outer_loss, K, J_inner=1, J_outer=1, fp_map=None,
             optim, scheduler = torch.optim.SGD(v, lr=1.0), None
         else:
             optim, scheduler = optim_build(v, **(opt_params or {}))
+        rows = [t.detach().reshape(1, -1) for t in g_w]
+        mon = None
         for i in range(K):
             jtv = system.vjp(v, params)
             # gradient of the quadratic whose minimizer is the adjoint: (I - J^T) v - g, or H v - g
             step = [a - j - g if inner_loss is None else -j - g for a, j, g in zip(v, jtv, g_w)]
+            res = tl.norm(step).detach().reshape(1)
+            if mon is None:  # the core's monitor: NaN/Inf and divergence, as in every other solver
+                mon = _Monitor("stoch_AID", rows, res, 0.0, 0.0, None, 1e6, cold=False,
+                               hint="; lower the adjoint optimizer's learning rate (optim_build) or check the map")
+                best = res
+            elif mon.check_now(i, i == K - 1):
+                mon.raise_if_bad(i, res)
+                if bool(res > CONTRACTION_GROWTH * best):
+                    raise DivergenceError(f"stoch_AID diverges: the adjoint's residual {float(res):.3e} after {i} steps "
+                                          f"is {CONTRACTION_GROWTH:g}x its smallest value {float(best):.3e}; lower the "
+                                          "adjoint optimizer's learning rate (optim_build) or check that the map contracts")
+                best = torch.minimum(best, res)
             for t, s in zip(v, step):
                 t.grad = s.detach()
             optim.step()

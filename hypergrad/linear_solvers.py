@@ -1,18 +1,29 @@
 """Linear solvers for A x = b on lists of tensors, A given only through ``matvec``.
 
-Every solver has the signature ``solve(matvec, b, x0=None, *, maxiter, tol, rtol, ...) -> (x, SolveInfo)``
-and stops when the residual norm is <= max(tol, rtol * ||b||). The hypergradient functions use them with
-A = I - (dPhi/dw)^T, so one ``matvec`` is one vector-Jacobian product through the fixed-point map.
+Every solver has the signature ``solve(matvec, b, x0=None, *, maxiter, tol, rtol, ...) -> (x, SolveInfo)``.
+The hypergradient functions use them with A = I - (dPhi/dw)^T, so one ``matvec`` is one vector-Jacobian
+product through the fixed-point map.
 
-Convergence is tested on the device; the host reads it only every ``check_every`` iterations
-(default: every iteration on CPU, where reading is free, every 10 on accelerators). Every read also
-checks for NaN/Inf and for a residual that grew ``divergence_factor`` times past its start, and raises.
+One implementation serves one system and a batch of independent systems (``batched=True``: every tensor
+has a leading dimension B, row b of ``matvec(u)`` depends only on row b of ``u``): a single system is a
+batch of one, with per-system scalars, per-system stopping and per-system safety checks.
+
+Stopping rule (per system): residual <= max(tol, rtol * ||b||). Defaults are relative and scale-invariant:
+``rtol = default_rtol(dtype)`` (1e-10 in float64, 100 eps in lower precision), so multiplying b by c
+multiplies x by c. An absolute ``tol`` that the zero solution already meets (0 < ||b|| <= tol, cold start)
+is never taken as a solve: the system is solved to the default relative tolerance, with a warning.
+
+Safety checks (read on the host every ``check_every`` iterations; every iteration on the CPU):
+NaN/Inf, a residual ``divergence_factor`` times its start, CG on a non-symmetric or indefinite operator,
+a singular operator, and fixed-point/Neumann iterations that do not contract.
 """
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -22,14 +33,144 @@ from .errors import BreakdownError, DivergenceError, NonFiniteError, SingularSys
 
 MatVec = Callable[[List[Tensor]], List[Tensor]]
 
+#: a fixed-point/Neumann residual this many times above its smallest value proves the map does not contract
+CONTRACTION_GROWTH = 1e3
+
+
+def default_rtol(dtype: torch.dtype) -> float:
+    """The default relative tolerance: 1e-10, or 100 eps where the dtype cannot reach it (float32: 1.2e-5)."""
+    return max(1e-10, 100 * torch.finfo(dtype).eps)
+
+
+def resolve_tolerances(tol: Optional[float], rtol: Optional[float], dtype: torch.dtype) -> Tuple[float, float]:
+    """``(tol, rtol)``: neither given -> relative ``(0, default_rtol(dtype))``; one given -> the other is 0."""
+    if tol is None and rtol is None:
+        return 0.0, default_rtol(dtype)
+    out = []
+    for name, val in (("tol", tol), ("rtol", rtol)):
+        val = 0.0 if val is None else val
+        if isinstance(val, bool) or not isinstance(val, numbers.Real) or not math.isfinite(val) or val < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {val!r}")
+        out.append(float(val))
+    return out[0], out[1]
+
 
 @dataclass
 class SolveInfo:
-    """What a solve did: ``iterations`` (operator products), final ``residual`` norm, ``converged``."""
+    """What a solve did: ``iterations`` (operator products), final ``residual`` norm, ``converged``.
+    For a batch of systems each is a tensor of shape [B], one entry per system."""
     solver: str
-    iterations: int
-    residual: float
-    converged: bool
+    iterations: Union[int, Tensor]
+    residual: Union[float, Tensor]
+    converged: Union[bool, Tensor]
+
+
+# ---------------------------------------------------------------- per-system arithmetic (rows of a batch)
+
+def bdot(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
+    """Per-system inner products <x_b, y_b>, shape [B]."""
+    return sum((x * y).reshape(x.shape[0], -1).sum(1) for x, y in zip(xs, ys))
+
+
+def _rows(a: Tensor, x: Tensor) -> Tensor:
+    return a.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def baxpy(a: Tensor, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> List[Tensor]:
+    """a_b * x_b + y_b for every system b (``a`` of shape [B])."""
+    return [y + _rows(a, x) * x for x, y in zip(xs, ys)]
+
+
+def _bwhere(mask: Tensor, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> List[Tensor]:
+    """Row b of xs where mask_b, else row b of ys."""
+    return [torch.where(_rows(mask, x), x, y) for x, y in zip(xs, ys)]
+
+
+def _safe(d: Tensor) -> Tensor:
+    return torch.where(d == 0, torch.ones_like(d), d)
+
+
+def _systems(mask: Tensor, show: int = 8) -> str:
+    idx = mask.reshape(-1).nonzero().flatten().tolist()
+    return ", ".join(map(str, idx[:show])) + (f", ... ({len(idx)} in all)" if len(idx) > show else "")
+
+
+def _as_batch(matvec: MatVec, b, x0, batched: bool):
+    """(matvec, b, x0) over rows: unchanged for a batch, a batch of one for a single system."""
+    b = list(b)
+    if x0 is not None:
+        x0 = tl.check_like(x0, b, "v0 (warm start)", "the adjoint")
+    if batched:
+        if any(t.dim() == 0 for t in b) or len({t.shape[0] for t in b}) != 1:
+            raise ValueError(f"a batch of systems needs one leading dimension B on every tensor, got shapes "
+                             f"{[tuple(t.shape) for t in b]}")
+        return matvec, b, x0
+    up = lambda xs: [t.unsqueeze(0) for t in xs]
+    return (lambda u: up(matvec([t[0] for t in u]))), up(b), (None if x0 is None else up(x0))
+
+
+def _finish(name: str, x, its, res, conv, batched: bool):
+    if batched:
+        return x, SolveInfo(name, its, res.detach(), conv)
+    return [t[0] for t in x], SolveInfo(name, int(its[0]), float(res[0]), bool(conv[0]))
+
+
+def _start(matvec: MatVec, b: Sequence[Tensor], x0) -> Tuple[List[Tensor], List[Tensor], int]:
+    """Initial iterate and residual (one product when a warm start is given)."""
+    if x0 is None:
+        return tl.zeros_like(b), list(b), 0
+    x = [t.detach().clone() if not t.requires_grad else t for t in x0]
+    return x, tl.sub(b, matvec(x)), 1
+
+
+class _Monitor:
+    """Per-system stopping rule and the shared safety checks (NaN/Inf, divergence), read on the host only
+    on check iterations. Thresholds: max(tol, rtol ||b_b||); a cold start whose nonzero b is already below
+    its threshold (the zero solution would be returned) is solved to the default relative tolerance."""
+
+    def __init__(self, name: str, b: Sequence[Tensor], r0: Tensor, tol, rtol, check_every, divergence_factor,
+                 cold: bool, hint: str = ""):
+        tol, rtol = resolve_tolerances(tol, rtol, b[0].dtype)
+        if check_every is not None and (isinstance(check_every, bool) or not isinstance(check_every, int)
+                                        or check_every < 1):
+            raise ValueError(f"check_every must be a positive int, got {check_every!r}")
+        if not (isinstance(divergence_factor, numbers.Real) and divergence_factor > 1):
+            raise ValueError(f"divergence_factor must be a number > 1, got {divergence_factor!r}")
+        self.name, self.hint = name, hint
+        self.every = check_every or (1 if b[0].device.type == "cpu" else 10)
+        self.eps = torch.finfo(b[0].dtype).eps
+        self.bnorm = bdot(b, b).detach().sqrt()
+        thr = torch.clamp(rtol * self.bnorm, min=tol)
+        if cold:
+            empty = (self.bnorm > 0) & (self.bnorm <= thr)
+            if bool(empty.any()):
+                warnings.warn(f"{name}: tol={tol:g} is at or above ||b|| = {float(self.bnorm[empty].max()):.3e} (the "
+                              "right-hand side dE/dw): the zero adjoint would pass, dropping the implicit term of the "
+                              f"hypergradient; solving to rtol={default_rtol(b[0].dtype):g} instead. Pass rtol= "
+                              "(relative) rather than an absolute tol.", stacklevel=4)
+                thr = torch.where(empty, default_rtol(b[0].dtype) * self.bnorm, thr)
+        self.threshold = thr
+        self.r0 = r0.detach()
+        self.raise_if_bad(0, self.r0, "the right-hand side or the starting point")
+        self.limit = divergence_factor * torch.maximum(self.r0, thr)
+
+    def check_now(self, it: int, last: bool) -> bool:
+        return last or it % self.every == 0
+
+    def raise_if_bad(self, it: int, res: Tensor, what: str = "the iterates") -> None:
+        """NaN/Inf or a residual ``divergence_factor`` times its start raise (one host read)."""
+        res = res.detach()
+        bad = ~torch.isfinite(res)
+        if bool(bad.any()):
+            raise NonFiniteError(f"{self.name}: NaN or Inf in {what}{self._of(bad)} after {it} iterations{self.hint}")
+        if it > 0:
+            grew = res > self.limit
+            if bool(grew.any()):
+                raise DivergenceError(f"{self.name} diverges{self._of(grew)}: residual {float(res[grew].max()):.3e} "
+                                      f"after {it} iterations, started at {float(self.r0[grew].max()):.3e}{self.hint}")
+
+    def _of(self, mask: Tensor) -> str:
+        return f" for task(s) {_systems(mask)}" if mask.numel() > 1 else ""
 
 
 class _Scalars:
@@ -67,166 +208,233 @@ def _read(x) -> float:
     return float(x.detach()) if isinstance(x, Tensor) else float(x)
 
 
-class _Monitor:
-    """Stopping rule and safety checks, reading the device only every ``check_every`` iterations."""
 
-    def __init__(self, name: str, b: Sequence[Tensor], r0, tol: float, rtol: float,
-                 check_every: Optional[int], divergence_factor: float):
-        if tol < 0 or rtol < 0:
-            raise ValueError(f"tolerances must be >= 0, got tol={tol}, rtol={rtol}")
-        self.name = name
-        self.every = check_every or (1 if b[0].device.type == "cpu" else 10)
-        self.threshold = max(tol, rtol * float(tl.norm(b).detach())) if rtol > 0 else tol
-        self.r0 = _read(r0)
-        if not math.isfinite(self.r0):
-            raise NonFiniteError(f"{name}: the right-hand side or the starting point contains NaN or Inf")
-        self.limit = divergence_factor * max(self.r0, self.threshold)
-        self.residual = self.r0
 
-    def done_at_start(self) -> bool:
-        return self.r0 <= self.threshold
+class _ScalarMonitor:
+    """:class:`_Monitor` for the single-system solvers (MINRES, GMRES) with host-float residuals."""
+
+    def __init__(self, name: str, b, r0, tol, rtol, check_every, divergence_factor, cold: bool):
+        rows = [t.detach().reshape(1, -1) for t in b]
+        r0 = torch.full((1,), _read(r0), dtype=b[0].dtype, device=b[0].device)
+        self._mon = _Monitor(name, rows, r0, tol, rtol, check_every, divergence_factor, cold)
+        self.every, self.threshold = self._mon.every, float(self._mon.threshold[0])
+        self.r0 = self.residual = float(r0[0])
+        self.limit = float(self._mon.limit[0])
 
     def check(self, it: int, res, force: bool = False, hint: str = "") -> bool:
         """True when converged. Raises on NaN/Inf or divergence. Reads ``res`` only on check iterations."""
         if not force and it % self.every != 0:
             return False
-        r = _read(res)
-        self.residual = r
-        if not math.isfinite(r):
-            raise NonFiniteError(f"{self.name}: NaN or Inf in the iterates after {it} iterations{hint}")
-        if r > self.limit:
-            raise DivergenceError(
-                f"{self.name} diverges: residual {r:.3e} after {it} iterations, started at {self.r0:.3e}{hint}")
+        self.residual = r = _read(res)
+        if not math.isfinite(r) or r > self.limit:
+            self._mon.hint = hint
+            self._mon.raise_if_bad(it, torch.full((1,), r, dtype=torch.float64, device="cpu"))
         return r <= self.threshold
 
 
-def _start(matvec: MatVec, b: Sequence[Tensor], x0) -> Tuple[List[Tensor], List[Tensor], int]:
-    """Initial iterate and residual (one product when a warm start is given)."""
-    if x0 is None:
-        return tl.zeros_like(b), list(b), 0
-    x = tl.check_like(x0, b, "v0 (warm start)", "the adjoint")
-    x = [t.detach().clone() if not t.requires_grad else t for t in x]
-    return x, tl.sub(b, matvec(x)), 1
+def _sym_tol(b: Sequence[Tensor]) -> float:
+    """Largest relative gap |<u, A v> - <A u, v>| / scale that rounding explains (scale: see solve_cg)."""
+    n = sum(t[0].numel() for t in b)
+    return max(1e4, 10 * math.sqrt(n)) * torch.finfo(b[0].dtype).eps
 
 
-def solve_fixed_point(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: float = 1e-10,
-                      rtol: float = 0.0, check_every=None, divergence_factor: float = 1e6, **_):
+def solve_fixed_point(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: Optional[float] = None,
+                      rtol: Optional[float] = None, check_every: Optional[int] = None,
+                      divergence_factor: float = 1e6, batched: bool = False):
     """Richardson iteration x <- x + (b - A x), i.e. v <- J^T v + b for A = I - J^T.
 
     ``residual`` is the last change ||x_{k+1} - x_k|| = ||b - A x_k|| (hypertorch's stopping rule).
+    It converges iff the spectral radius of J is < 1; a residual that grows :data:`CONTRACTION_GROWTH`
+    times above its smallest value, or ends above its start, raises :class:`DivergenceError`.
     """
-    S = _Scalars(b)
-    x, r, its = _start(matvec, b, x0)
-    mon = _Monitor("fixed_point", b, S.sqrt(S.dot(r, r)), tol, rtol, check_every, divergence_factor)
-    converged = mon.done_at_start()
-    for k in range(maxiter):
-        if converged:
-            break
-        if k > 0:  # the first residual is known: b (cold start) or computed by _start (warm start)
-            r = tl.sub(b, matvec(x))
-            its += 1
-        x = tl.axpy(1.0, r, x)
-        converged = mon.check(k + 1, S.sqrt(S.dot(r, r)), force=(k + 1 == maxiter))
-    return x, SolveInfo("fixed_point", its, mon.residual, converged)
+    return _richardson("fixed_point", False, matvec, b, x0, maxiter, tol, rtol, check_every, divergence_factor,
+                       batched)
 
 
-def solve_neumann(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: float = 1e-10,
-                  rtol: float = 0.0, check_every=None, divergence_factor: float = 1e6, **_):
+def solve_neumann(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: Optional[float] = None,
+                  rtol: Optional[float] = None, check_every: Optional[int] = None,
+                  divergence_factor: float = 1e6, batched: bool = False):
     """Truncated Neumann series x = x0 + sum_{i<=K} (I - A)^i r0; equals ``fixed_point`` with K+1 steps.
 
-    ``residual`` is the norm of the last term added.
+    ``residual`` is the norm of the last term added; the same contraction checks as ``fixed_point``.
     """
-    S = _Scalars(b)
-    x, p, its = _start(matvec, b, x0)
-    x = tl.axpy(1.0, p, x)
-    mon = _Monitor("neumann", b, S.sqrt(S.dot(p, p)), tol, rtol, check_every, divergence_factor)
-    converged = mon.done_at_start()
-    for k in range(maxiter):
-        if converged:
-            break
-        p = tl.sub(p, matvec(p))
-        its += 1
-        x = tl.axpy(1.0, p, x)
-        converged = mon.check(k + 1, S.sqrt(S.dot(p, p)), force=(k + 1 == maxiter))
-    return x, SolveInfo("neumann", its, mon.residual, converged)
+    return _richardson("neumann", True, matvec, b, x0, maxiter, tol, rtol, check_every, divergence_factor,
+                       batched)
 
 
-def solve_cg(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: float = 1e-10, rtol: float = 0.0,
-             check_every=None, divergence_factor: float = 1e6, **_):
-    """Conjugate gradient for symmetric positive definite A. Returns the *latest* iterate.
-
-    The recurrence r_{k+1} = r_k - alpha A p_k is the true residual b - A x_k up to rounding, which
-    drifts by at most ~ k eps (||A|| ||x|| + ||b||) (Greenbaum). When the recurrence says it converged
-    and that bound is not far below the tolerance, the true residual is computed (one product) and
-    CG restarts from it while iterations remain: a ``converged`` result has a true residual below the
-    tolerance. Breakdown (p^T A p = 0 with a nonzero residual: an indefinite or singular A) raises
-    :class:`BreakdownError` instead of returning NaN.
-    """
-    S = _Scalars(b)
+def _richardson(name, neumann, matvec, b, x0, maxiter, tol, rtol, check_every, divergence_factor, batched):
+    """Fixed-point iteration or Neumann series on rows (per-system stopping: a converged row stops moving).
+    Both residuals are ||(J^T)^k r0||, so their growth measures the contraction of J directly."""
+    matvec, b, x0 = _as_batch(matvec, b, x0, batched)
     x, r, its = _start(matvec, b, x0)
-    rr = S.dot(r, r)
-    mon = _Monitor("cg", b, S.sqrt(rr), tol, rtol, check_every, divergence_factor)
-    if mon.done_at_start():
-        return x, SolveInfo("cg", its, mon.residual, True)
-    hint = "; the system may be indefinite or non-symmetric: try solver='minres' or 'gmres'"
-    broke = False if S.host else torch.zeros((), dtype=torch.bool, device=b[0].device)
-    p, k, converged, last_checked = r, 0, False, mon.r0
-    a_scale = 0.0 if S.host else torch.zeros_like(rr)  # max 1/|alpha_k| = |p^T A p| / r^T r: A's scale
-    while k < maxiter:
+    if neumann:
+        x = tl.axpy(1.0, r, x)  # r is the series' current term
+    res = bdot(r, r).sqrt()
+    hint = ("; the map is not a contraction here (spectral radius of dPhi/dw >= 1): use solver='cg' (gradient-"
+            "descent maps) or 'gmres' (any map), or a smaller inner step size")
+    mon = _Monitor(name, b, res, tol, rtol, check_every, divergence_factor, cold=x0 is None)
+    active = res > mon.threshold
+    task_its = torch.full_like(res, its, dtype=torch.long)
+    best, floor = mon.r0.clone(), None
+    for k in range(maxiter):
+        if k % mon.every == 0 and not bool(active.any()):
+            break
+        if neumann:
+            r = tl.sub(r, matvec(r))
+        elif k > 0:  # the first residual is b (cold) or was computed by _start (warm)
+            r = tl.sub(b, matvec(x))
+        x = baxpy(active.to(res.dtype), r, x)
+        if neumann or k > 0:
+            task_its += active
+        res = torch.where(active, bdot(r, r).sqrt(), res)
+        active = active & (res > mon.threshold)
+        if mon.check_now(k + 1, k + 1 == maxiter):
+            mon.raise_if_bad(k + 1, res)
+            floor = 100 * mon.eps * (mon.bnorm + bdot(x, x).detach().sqrt())
+            grew = active & (res.detach() > CONTRACTION_GROWTH * torch.maximum(best, floor))
+            if bool(grew.any()):
+                raise DivergenceError(f"{name} diverges{mon._of(grew)}: residual {float(res[grew].max()):.3e} after "
+                                      f"{k + 1} iterations, {CONTRACTION_GROWTH:g}x its smallest value "
+                                      f"{float(best[grew].max()):.3e}{hint}")
+            best = torch.minimum(best, res.detach())
+    converged = res <= mon.threshold
+    if floor is not None:
+        worse = ~converged & (res.detach() > torch.maximum(mon.r0, floor))
+        if bool(worse.any()):
+            raise DivergenceError(f"{name} did not contract{mon._of(worse)}: after {int(task_its.max())} iterations "
+                                  f"the residual {float(res[worse].max()):.3e} is above its start "
+                                  f"{float(mon.r0[worse].max()):.3e}, so the result is no approximation of the "
+                                  f"solution{hint} (or, for a contraction with transient growth, a larger K)")
+    return _finish(name, x, task_its, res, converged, batched)
+
+
+def solve_cg(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: Optional[float] = None,
+             rtol: Optional[float] = None, check_every: Optional[int] = None, divergence_factor: float = 1e6,
+             check_symmetry: bool = True, batched: bool = False):
+    """Conjugate gradient for symmetric positive definite A (per system). Returns the *latest* iterate.
+
+    The recurrence r_{k+1} = r_k - alpha A p_k is the true residual b - A x_k up to rounding, which drifts
+    by at most ~ k eps (||A|| ||x|| + ||b||) (Greenbaum). When every recurrence says converged and that
+    bound is not far below the tolerance, the true residuals are computed (one product) and the systems
+    above their tolerance restart from them: a ``converged`` system has a true residual below tolerance.
+
+    Checks (each raises instead of returning a wrong number): symmetry, from the recurrence's own vectors,
+    |<p_{k-1}, A p_k> - <A p_{k-1}, p_k>| <= ~1e4 eps (||p_{k-1}|| (||p_k|| + ||A p_k||) + ...) else
+    :class:`BreakdownError` naming gmres; ||A p|| / ||p|| at the rounding level of ||A|| while the residual
+    is large: :class:`SingularSystemError`; p^T A p <= 0
+    (indefinite A) ends in :class:`BreakdownError` naming minres unless the solve converged.
+    ``check_symmetry=False`` for operators that change between products (stochastic maps).
+    """
+    matvec, b, x0 = _as_batch(matvec, b, x0, batched)
+    x, r, its = _start(matvec, b, x0)
+    rr = bdot(r, r)
+    mon = _Monitor("cg", b, rr.sqrt(), tol, rtol, check_every, divergence_factor, cold=x0 is None)
+    thr, eps = mon.threshold, mon.eps
+    active = rr.sqrt() > thr
+    task_its = torch.full_like(rr, its, dtype=torch.long)
+    zero = torch.zeros_like(rr.detach())
+    asym, a_scale, a_norm, last_checked = zero.clone(), zero.clone(), zero.clone(), mon.r0.clone()
+    no = torch.zeros_like(active)
+    singular, broke, indefinite, pending, confirmed = no.clone(), no.clone(), no.clone(), no.clone(), ~active
+    sym_tol, sing_res = _sym_tol(b), math.sqrt(eps) * mon.r0
+    res, p, prev, k = rr.sqrt(), r, None, 0
+    done = not bool(active.any())
+    while not done and k < maxiter:
         Ap = matvec(p)
-        its, k = its + 1, k + 1
-        pAp = S.dot(p, Ap)
-        broke = broke | ((pAp == 0) & (rr > 0))
-        a_scale = S.abs_max(S.div(pAp, rr), a_scale)
-        if (k % mon.every == 0 or k == maxiter) and bool(broke):
-            raise BreakdownError(f"cg broke down at iteration {k}: p^T A p = 0 with a nonzero residual{hint}")
-        alpha = S.div(rr, pAp)
-        x = tl.axpy(alpha, p, x)
-        r = tl.axpy(-alpha, Ap, r)
-        rr_new = S.dot(r, r)
-        if mon.check(k, S.sqrt(rr_new), force=(k == maxiter), hint=hint):
-            if S.host and _rounding_floor(its, a_scale, x, b) <= 0.1 * mon.threshold:
-                converged = True  # the recurrence cannot have drifted: no confirming product needed
-                break
-            r = tl.sub(b, matvec(x))  # confirm with the true residual
-            its += 1
-            rr_new = S.dot(r, r)
-            converged = mon.check(k, S.sqrt(rr_new), force=True, hint=hint)
-            if converged:
-                break
-            p, rr = r, rr_new  # restart from the true residual
-            continue
-        if k % mon.every == 0:
-            if (mon.residual > 0.5 * last_checked and mon.residual < 1e-3 * mon.r0
-                    and mon.residual <= _rounding_floor(its, _read(a_scale), x, b) / 100):
-                break  # stalled at the rounding level (the bound without its safety factors): more steps
-                # cannot help, and on a singular A they amplify rounding noise in the null space
-            last_checked = mon.residual
-        p = tl.axpy(S.div(rr_new, rr), p, r)
-        rr = rr_new
-    return x, SolveInfo("cg", its, mon.residual, converged)
+        k += 1
+        pAp, pp = bdot(p, Ap), bdot(p, p).detach()
+        pAp_d, ApAp = pAp.detach(), bdot(Ap, Ap).detach()
+        if check_symmetry and prev is not None:
+            p0, Ap0, pp0, ApAp0 = prev
+            scale = pp0.sqrt() * (pp.sqrt() + ApAp.sqrt()) + pp.sqrt() * (pp0.sqrt() + ApAp0.sqrt())
+            gap = (bdot(p0, Ap) - bdot(Ap0, p)).detach().abs() / _safe(scale)
+            asym = torch.maximum(asym, torch.where(active, gap, zero))
+        prev = ([t.detach() for t in p], [t.detach() for t in Ap], pp, ApAp) if check_symmetry else None
+        a_scale = torch.maximum(a_scale, torch.where(active, pAp_d.abs() / _safe(rr.detach()), zero))
+        gain = (ApAp / _safe(pp)).sqrt()  # ||A p|| / ||p||; its running maximum estimates ||A||
+        a_norm = torch.maximum(a_norm, torch.where(active, gain, zero))
+        flat = gain <= 100 * eps * a_norm  # A p ~ 0: p is (numerically) a null direction of A
+        singular |= active & flat & ((ApAp == 0) | (rr.detach().sqrt() > sing_res))
+        broke |= active & (pAp_d == 0) & ~singular
+        indefinite |= active & (pAp_d < 0)
+        alpha = torch.where(active & (pAp != 0), rr / _safe(pAp), torch.zeros_like(pAp))
+        x, r = baxpy(alpha, p, x), baxpy(-alpha, Ap, r)
+        task_its += active
+        rr_new = bdot(r, r)
+        res = torch.where(active, rr_new.sqrt(), res)
+        met = active & (res <= thr)
+        pending, active = pending | met, active & ~met
+        if mon.check_now(k, k == maxiter):
+            _cg_raise(k, asym, sym_tol, singular, broke)
+            mon.raise_if_bad(k, torch.where(confirmed, zero, res), "the iterates")
+            res_d = res.detach()
+            floor = _rounding_floor(task_its, a_scale, x, b, eps)
+            stalled = active & (res_d > 0.5 * last_checked) & (res_d < 1e-3 * mon.r0) & (res_d <= floor / 100)
+            active = active & ~stalled  # at the rounding level: more steps only amplify rounding noise
+            last_checked = torch.where(active, res_d, last_checked)
+            if not bool(active.any()):  # every recurrence converged or stalled: confirm with true residuals
+                need = pending & (floor > 0.1 * thr)  # the others' recurrence cannot have drifted
+                confirmed = confirmed | (pending & ~need)
+                if not bool(need.any()):
+                    break
+                r_true = tl.sub(b, matvec(x))
+                task_its += need
+                rt = bdot(r_true, r_true)
+                ok = rt.sqrt() <= thr
+                res = torch.where(need, rt.sqrt(), res)
+                confirmed, active = confirmed | (need & ok), need & ~ok  # the others restart
+                r, rr_new, pending = _bwhere(active, r_true, r), torch.where(active, rt, rr_new), no.clone()
+                done = not bool(active.any())
+                p, rr = r, rr_new
+                continue
+        beta = torch.where(active, rr_new / _safe(rr), torch.zeros_like(rr))
+        p, rr = baxpy(beta, p, r), torch.where(active, rr_new, rr)
+    _cg_raise(k, asym, sym_tol, singular, broke)
+    bad = indefinite & ~confirmed
+    if bool(bad.any()):
+        raise BreakdownError(f"cg met p^T A p < 0{mon._of(bad)} and did not converge: I - dPhi/dw is not positive "
+                             "definite (a KKT or saddle-point map); use solver='minres' (symmetric) or 'gmres'")
+    return _finish("cg", x, task_its, res, confirmed, batched)
 
 
-def _rounding_floor(its: int, a_scale: float, x, b) -> float:
+def _cg_raise(k: int, asym: Tensor, sym_tol: float, singular: Tensor, broke: Tensor) -> None:
+    """Raise on CG's flags (one host read)."""
+    flags = torch.stack([(asym > sym_tol).any(), singular.any(), broke.any()]).tolist()
+    if flags[0]:
+        raise BreakdownError(f"cg needs a symmetric operator, but <u, A v> != <A u, v> (relative gap "
+                             f"{float(asym.max()):.1e} at iteration {k}, rounding explains {sym_tol:.1e}): I - dPhi/dw "
+                             "is not symmetric (momentum maps, non-normal maps); use solver='gmres'")
+    if flags[1]:
+        raise SingularSystemError(f"cg: I - dPhi/dw is singular (p^T A p at rounding level at iteration {k} while the "
+                                  "residual is large): the hypergradient is not defined unless dE/dw is in the range of "
+                                  "the operator; solver='minres' returns the least-squares adjoint when it is")
+    if flags[2]:
+        raise BreakdownError(f"cg broke down at iteration {k}: p^T A p = 0 with a nonzero residual (an indefinite "
+                             "system); use solver='minres' (symmetric) or 'gmres'")
+
+
+def _rounding_floor(its: Tensor, a_scale: Tensor, x, b, eps: float) -> Tensor:
     """Greenbaum's bound on the gap between CG's recurrence and true residuals, 10 k eps (||A|| ||x|| +
     ||b||), with ||A|| estimated by 10 max_k 1/|alpha_k| (a Rayleigh-quotient scale: safety factor)."""
-    eps = torch.finfo(b[0].dtype).eps
-    return 10 * its * eps * (10 * a_scale * _read(tl.norm(x)) + _read(tl.norm(b)))
+    return 10 * its * eps * (10 * a_scale * bdot(x, x).detach().sqrt() + bdot(b, b).detach().sqrt())
 
 
-def solve_minres(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: float = 1e-10,
-                 rtol: float = 0.0, check_every=None, divergence_factor: float = 1e6, **_):
+def solve_minres(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: Optional[float] = None,
+                 rtol: Optional[float] = None, check_every: Optional[int] = None, divergence_factor: float = 1e6):
     """MINRES (Paige & Saunders) for symmetric, possibly indefinite or singular A.
 
     One product per iteration; minimizes ||b - A x|| over the Krylov space. Symmetry is checked on the
     way (the Lanczos relation <v_{k-1}, A v_k> = beta_k) and the result is confirmed by one true
-    residual; a non-symmetric operator raises :class:`BreakdownError`.
+    residual; a non-symmetric operator raises :class:`BreakdownError`. On a singular A the Lanczos process
+    ends (beta ~ 0) on an invariant subspace: x is then the least-squares solution, returned when the
+    system is consistent (residual below tolerance) and :class:`SingularSystemError` otherwise.
     """
     S = _Scalars(b)
+    x0 = None if x0 is None else tl.check_like(x0, b, "v0 (warm start)", "the adjoint")
     x, r1, its = _start(matvec, b, x0)
     beta = S.sqrt(S.dot(r1, r1))
-    mon = _Monitor("minres", b, beta, tol, rtol, check_every, divergence_factor)
-    if mon.done_at_start():
+    mon = _ScalarMonitor("minres", b, beta, tol, rtol, check_every, divergence_factor, x0 is None)
+    if mon.residual <= mon.threshold:
         return x, SolveInfo("minres", its, mon.residual, True)
     zero = 0.0 if S.host else torch.zeros_like(beta)
     eps = torch.finfo(b[0].dtype).eps
@@ -234,7 +442,8 @@ def solve_minres(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: float =
     y, r2 = r1, r1
     oldb, dbar, epsln, phibar, cs, sn = zero, zero, zero, beta, zero - 1.0, zero
     w, w2 = tl.zeros_like(b), tl.zeros_like(b)
-    v, asym, converged = None, zero, False
+    v, asym, converged, anorm, exhausted = None, zero, False, zero, False
+    frozen = False if S.host else torch.zeros((), dtype=torch.bool, device=b[0].device)  # ended: x stays
     for k in range(maxiter):
         v_prev, v = v, tl.scale(S.div(1.0, beta), y)
         y = matvec(v)
@@ -242,12 +451,15 @@ def solve_minres(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: float =
         if k > 0:
             gap = (S.dot(v_prev, y) - beta) / (S.sqrt(S.dot(y, y)) + beta)
             # past convergence the Lanczos vectors are rounding noise: stop checking there
-            asym = S.abs_max(S.select(phibar > noise * mon.r0, gap, zero), asym)
+            asym = S.abs_max(S.select((phibar > noise * mon.r0) & ~frozen if not S.host else
+                                      (phibar > noise * mon.r0 and not frozen), gap, zero), asym)
             y = tl.axpy(-S.div(beta, oldb), r1, y)
         alfa = S.dot(v, y)
         y = tl.axpy(-S.div(alfa, beta), r2, y)
         r1, r2 = r2, y
         oldb, beta = beta, S.sqrt(S.dot(y, y))
+        anorm = S.abs_max(alfa * alfa + oldb * oldb + beta * beta, anorm)
+        ended = beta <= 100 * eps * S.sqrt(anorm)  # an invariant subspace: solved, or A singular
         oldeps = epsln
         delta = cs * dbar + sn * alfa
         gbar = sn * dbar - cs * alfa
@@ -258,32 +470,47 @@ def solve_minres(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: float =
         phi, phibar = cs * phibar, sn * phibar
         w1, w2 = w2, w
         w = tl.scale(1.0 / gamma, [vi - oldeps * a - delta * c for vi, a, c in zip(v, w1, w2)])
-        x = tl.axpy(phi, w, x)
-        converged = mon.check(k + 1, phibar, force=(k + 1 == maxiter))
-        if (k + 1) % mon.every == 0 or converged or k + 1 == maxiter:
+        if S.host:
+            x, exhausted = tl.axpy(phi, w, x), ended
+        else:  # no host read: past the end of the Lanczos process the iterate stays where it was
+            x = [torch.where(frozen, a, c) for a, c in zip(x, tl.axpy(phi, w, x))]
+            frozen = frozen | ended
+            if (k + 1) % mon.every == 0:
+                exhausted = bool(frozen)
+        converged = mon.check(k + 1, phibar, force=(k + 1 == maxiter or exhausted))
+        if (k + 1) % mon.every == 0 or converged or k + 1 == maxiter or exhausted:
             if _read(asym) > sym_tol:
                 raise BreakdownError(f"minres needs a symmetric operator, but <u, A v> != <A u, v> (relative "
                                      f"gap {_read(asym):.1e} at iteration {k + 1}); use solver='gmres'")
-        if converged:
+        if converged or exhausted:
             break
     r = tl.sub(b, matvec(x))
     true_res = _read(S.sqrt(S.dot(r, r)))
     if not math.isfinite(true_res):
         raise NonFiniteError("minres: NaN or Inf in the final iterate")
+    if exhausted and not converged and true_res > max(mon.threshold, math.sqrt(eps) * mon.r0):
+        raise SingularSystemError(
+            f"minres: I - dPhi/dw is singular and dE/dw is not in its range (the least-squares residual "
+            f"{true_res:.3e} stays above the tolerance {mon.threshold:.3e}): the hypergradient is not defined at "
+            "this point (check that params are at a fixed point and that the inner problem has a unique solution)")
     return x, SolveInfo("minres", its + 1, true_res, converged and true_res <= max(mon.threshold, 10 * mon.residual))
 
 
-def solve_gmres(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: float = 1e-10, rtol: float = 0.0,
-                check_every=None, divergence_factor: float = 1e6, restart: int = 50, **_):
+def solve_gmres(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: Optional[float] = None,
+                rtol: Optional[float] = None, check_every: Optional[int] = None, divergence_factor: float = 1e6,
+                restart: int = 50):
     """Restarted GMRES(restart) for general (non-symmetric) A, with modified Gram-Schmidt Arnoldi.
 
     The small least-squares problem is solved on the host only on check iterations.
     """
+    if isinstance(restart, bool) or not isinstance(restart, int) or restart < 1:
+        raise ValueError(f"restart must be a positive int, got {restart!r}")
     S = _Scalars(b)
+    x0 = None if x0 is None else tl.check_like(x0, b, "v0 (warm start)", "the adjoint")
     x, r, its = _start(matvec, b, x0)
     beta = tl.norm(r)
-    mon = _Monitor("gmres", b, beta, tol, rtol, check_every, divergence_factor)
-    converged = mon.done_at_start()
+    mon = _ScalarMonitor("gmres", b, beta, tol, rtol, check_every, divergence_factor, x0 is None)
+    converged = mon.residual <= mon.threshold
     n = sum(t.numel() for t in b)
     m = max(1, min(restart, n, maxiter))
     done = 0
@@ -333,8 +560,8 @@ def _hessenberg_lstsq(H: Tensor, beta: Tensor) -> Tuple[Tensor, Tensor]:
     return y[:, 0].to(H.device), res
 
 
-def solve_dense(matvec: MatVec, b, x0=None, *, tol: float = 1e-10, rtol: float = 0.0,
-                matmat: Optional[Callable[[], Optional[Tensor]]] = None, **_):
+def solve_dense(matvec: MatVec, b, x0=None, *, maxiter: Optional[int] = None, tol: Optional[float] = None,
+                rtol: Optional[float] = None, matmat: Optional[Callable[[], Optional[Tensor]]] = None):
     """Materialize A (``matmat()``, e.g. one batched product; else n products) and solve it by
     :func:`solve_matrix`. For small systems only (n up to a few thousand)."""
     flat_b = tl.flatten(b)
@@ -350,7 +577,7 @@ def solve_dense(matvec: MatVec, b, x0=None, *, tol: float = 1e-10, rtol: float =
     return solve_matrix(A, b, tol=tol, rtol=rtol)
 
 
-def solve_matrix(A: Tensor, b, *, tol: float = 1e-10, rtol: float = 0.0):
+def solve_matrix(A: Tensor, b, *, tol: Optional[float] = None, rtol: Optional[float] = None):
     """x = A^-1 b by LU, for an explicit n x n matrix A and b a list of tensors (n entries in all).
 
     Raises :class:`SingularSystemError` when the 1-norm condition number (Hager's estimate from the LU
@@ -366,15 +593,28 @@ def solve_matrix(A: Tensor, b, *, tol: float = 1e-10, rtol: float = 0.0):
     a_norm = float(torch.linalg.matrix_norm(A.detach(), 1))
     cond = math.inf if int(info) != 0 else a_norm * _inverse_norm1_estimate(LU.detach(), pivots)
     if not cond < 1.0 / (n * torch.finfo(A.dtype).eps):
-        raise SingularSystemError(f"dense: I - dPhi/dw is singular (condition number estimate {cond:.3e}); the "
-                                  "hypergradient is not defined at this point (minres gives a least-squares adjoint)")
+        raise SingularSystemError(f"dense: I - dPhi/dw is singular (condition number estimate {cond:.3e}) and "
+                                  f"{_consistency(A, flat_b)}")
     x = torch.linalg.lu_solve(LU, pivots, flat_b[:, None])[:, 0]
     xd, bd = x.detach(), flat_b.detach()
     res = float(torch.linalg.norm(A.detach() @ xd - bd))
+    tol, rtol = resolve_tolerances(tol, rtol, A.dtype)
     thresh = max(tol, rtol * float(torch.linalg.norm(bd)))
     eps = torch.finfo(A.dtype).eps  # LU is backward stable: residual ~ n eps ||A|| ||x||
     floor = 10 * n * eps * (a_norm * float(xd.abs().sum()) + float(bd.abs().sum()))
     return tl.unflatten(x, b), SolveInfo("dense", n, res, res <= max(thresh, floor))
+
+
+def _consistency(A: Tensor, b: Tensor) -> str:
+    """Whether b lies in the range of a singular A (least-squares residual at rounding level), in words."""
+    Ad, bd = A.detach(), b.detach()
+    x = torch.linalg.pinv(Ad) @ bd
+    res, scale = float(torch.linalg.norm(Ad @ x - bd)), float(torch.linalg.norm(bd))
+    if res <= 1e3 * A.shape[0] * torch.finfo(A.dtype).eps * max(scale, 1e-300):
+        return ("dE/dw is in its range (a consistent system): the adjoint is not unique; solver='minres' returns "
+                "the least-squares adjoint, a valid hypergradient when the inner solution set is flat along the null space")
+    return (f"dE/dw is not in its range (least-squares residual {res:.3e} of ||dE/dw|| = {scale:.3e}): the "
+            "hypergradient is not defined at this point")
 
 
 def _inverse_norm1_estimate(LU: Tensor, pivots: Tensor, iters: int = 5) -> float:
@@ -399,12 +639,15 @@ def normal_equations(matvec: MatVec, rmatvec: MatVec, b) -> Tuple[MatVec, List[T
     return (lambda u: rmatvec(matvec(u))), rmatvec(b)
 
 
-def solve_cg_normaleq(matvec: MatVec, b, x0=None, *, rmatvec: Optional[MatVec] = None, **kw):
+def solve_cg_normaleq(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: Optional[float] = None,
+                      rtol: Optional[float] = None, check_every: Optional[int] = None,
+                      divergence_factor: float = 1e6, rmatvec: Optional[MatVec] = None):
     """CG on the normal equations A^T A x = A^T b (any nonsingular A). ``residual`` is ||A^T(b - A x)||."""
     if rmatvec is None:
         raise ValueError("cg_normaleq needs rmatvec (products with A^T)")
     nmv, nb = normal_equations(matvec, rmatvec, b)
-    x, info = solve_cg(nmv, nb, x0, **kw)
+    x, info = solve_cg(nmv, nb, x0, maxiter=maxiter, tol=tol, rtol=rtol, check_every=check_every,
+                       divergence_factor=divergence_factor)
     return x, SolveInfo("cg_normaleq", 2 * info.iterations, info.residual, info.converged)
 
 

@@ -1,6 +1,7 @@
 """Arithmetic and checks on lists of tensors (the ``params`` / ``hparams`` convention)."""
 from __future__ import annotations
 
+import operator
 from typing import Callable, List, Optional, Sequence
 
 import torch
@@ -122,14 +123,48 @@ def check_hparams(hparams: Sequence[Tensor]) -> None:
 
 def check_inputs(params, hparams, name: str = "params"):
     """``(params, hparams)`` as lists after checking them: tensors, params non-empty, hparams floating with
-    ``requires_grad=True``, one dtype and one device for all."""
+    ``requires_grad=True``, one dtype and one device for all, no NaN/Inf in either."""
     params, hparams = as_tensor_list(params, name), as_tensor_list(hparams, "hparams")
     check_hparams(hparams)
     if len(params) == 0:
         raise ValueError(f"{name} is empty: pass the list of inner variables")
-    check_same_kind(params + hparams, [f"{name}[{i}]" for i in range(len(params))] +
-                    [f"hparams[{i}]" for i in range(len(hparams))])
+    names = [f"{name}[{i}]" for i in range(len(params))] + [f"hparams[{i}]" for i in range(len(hparams))]
+    check_same_kind(params + hparams, names)
+    check_finite(params + hparams, names)
     return params, hparams
+
+
+def check_finite(xs: Sequence[Tensor], names: Sequence[str]) -> None:
+    """Raise :class:`NonFiniteError` naming the first tensor with NaN or Inf (one host read)."""
+    ok = torch.stack([torch.isfinite(x.detach()).all() for x in xs]).tolist()
+    for good, n in zip(ok, names):
+        if not good:
+            raise NonFiniteError(f"{n} contains NaN or Inf (before any solve): check the values passed as {n}")
+
+
+def check_count(value, name: str) -> int:
+    """A non-negative integral number (int, numpy integer, 0-d integer tensor) as an int; bools rejected."""
+    if isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool):
+        raise TypeError(f"{name} must be a non-negative integer, got the bool {value!r}")
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.is_floating_point() or value.is_complex():
+            raise TypeError(f"{name} must be a non-negative integer, got a tensor {value!r}")
+        value = int(value.item())
+    try:
+        as_int = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a non-negative integer, got {value!r} ({type(value).__name__})") from None
+    if as_int < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {as_int}")
+    return as_int
+
+
+def check_flag(value, name: str) -> bool:
+    """A real bool (older hypertorch code passed a tolerance where ``set_grad`` now stands)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__}); older hypertorch "
+                        f"releases took a tolerance in this position: pass it by name (tol=...) if you meant one")
+    return value
 
 
 def check_same_kind(tensors: Sequence[Tensor], names: Sequence[str]) -> None:
@@ -157,6 +192,9 @@ def check_like(xs, like: Sequence[Tensor], what: str, like_name: str = "params")
         if x.shape != w.shape:
             raise ValueError(f"{what}[{i}] has shape {tuple(x.shape)} but {like_name}[{i}] has shape "
                              f"{tuple(w.shape)}")
+        if x.dtype != w.dtype or x.device != w.device:
+            raise TypeError(f"{what}[{i}] is {x.dtype} on {x.device} but {like_name}[{i}] is {w.dtype} on {w.device}: "
+                            f"{what} must keep the dtype and device of {like_name} (a silent cast loses precision)")
     return list(xs)
 
 

@@ -88,10 +88,16 @@ def test_per_task_convergence_and_error_falls_with_K():
     p = ridge_tasks()
     res = batched_hypergradient([p["w"]], [p["theta"], p["lam"]], p["fp_map"], p["outer"], K=200, tol=1e-11,
                                 per_task=True, set_grad=False)
-    its = res.iterations.tolist()
-    assert len(set(its)) > 1, its  # tasks stop at their own iteration counts, those of the core's CG
-    single = [r.iterations for r in loop(p, "cg", 200, tol=1e-11)]
-    assert all(abs(a - b) <= 1 for a, b in zip(its, single)), (its, single)  # (+1: a confirming product)
+    # at a looser tolerance the better-conditioned tasks stop earlier (at 1e-11 all need the full d = 10
+    # steps): per-task counts, each the count of the core's CG on that task alone
+    loose = batched_hypergradient([p["w"]], [p["theta"], p["lam"]], p["fp_map"], p["outer"], K=200, tol=1e-1,
+                                  set_grad=False)
+    its = loose.iterations.tolist()
+    assert len(set(its)) > 1, its
+    single = [r.iterations for r in loop(p, "cg", 200, tol=1e-1)]
+    assert its == single, (its, single)
+    its, single = res.iterations.tolist(), [r.iterations for r in loop(p, "cg", 200, tol=1e-11)]
+    assert its == single, (its, single)
     for b in range(p["B"]):
         assert rel(res.grads[0][b], p["ref_theta"][b]) <= 1e-8
         assert rel(res.grads[1][b], p["ref_lam"][b]) <= 1e-8
