@@ -5,7 +5,8 @@
 ``hypergrad.cg(params, hparams, K, fp_map, outer_loss)`` returns dE/dlambda (and adds it to
 ``hparam.grad``); :func:`hypergradient` is the general entry with a choice of solver and diagnostics.
 """
-from .errors import BreakdownError, DivergenceError, HypergradError, NonFiniteError, SingularSystemError
+from .errors import (BreakdownError, DivergenceError, FixedPointWarning, HypergradError, NonFiniteError,
+                     NotAFixedPointError, SingularSystemError)
 from . import distributed
 from .batched import BATCHED_SOLVERS, BatchedHypergradResult, BatchedSolveInfo, batched_hypergradient
 from .checkpointed import (CheckpointedResult, NondeterministicMapError, checkpoint_steps,
@@ -15,7 +16,7 @@ from .hypergradients import (CG, CG_normaleq, HypergradResult, cg, cg_normaleq, 
                              get_outer_gradients, grad_unused_zero, cat_list_to_tensor, update_tensor_grads,
                              hypergradient, minres, neumann, reverse, reverse_unroll, stoch_AID)
 from .inner_optimizers import DifferentiableOptimizer, GradientDescent, HeavyBall, Momentum
-from .linear_solvers import SOLVERS, SolveInfo
+from .linear_solvers import SOLVERS, SolveInfo, default_rtol
 
 __version__ = "0.1.0"
 
@@ -30,4 +31,5 @@ __all__ = [
     "module_params", "param_dict", "functional", "load_params",
     "update_tensor_grads", "get_outer_gradients", "grad_unused_zero", "cat_list_to_tensor",
     "HypergradError", "NonFiniteError", "DivergenceError", "BreakdownError", "SingularSystemError",
+    "NotAFixedPointError", "FixedPointWarning", "default_rtol",
 ]
