@@ -458,7 +458,7 @@ def solve_minres(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: Optiona
         y = tl.axpy(-S.div(alfa, beta), r2, y)
         r1, r2 = r2, y
         oldb, beta = beta, S.sqrt(S.dot(y, y))
-        anorm = S.abs_max(alfa * alfa + oldb * oldb + beta * beta, anorm)
+        anorm = S.abs_max(alfa * alfa + beta * beta + (oldb * oldb if k > 0 else zero), anorm)  # k = 0: oldb = ||b||
         ended = beta <= 100 * eps * S.sqrt(anorm)  # an invariant subspace: solved, or A singular
         oldeps = epsln
         delta = cs * dbar + sn * alfa

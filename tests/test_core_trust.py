@@ -1,0 +1,356 @@
+"""Every class of silently wrong hypergradient the core used to return now gives the right number or a clear error.
+
+References share no code with the library: closed forms (ridge), dense solves written here, the map's
+fixed point computed here.
+"""
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import hypergrad as hg
+from core_problems import DT, rel_err, ridge
+
+
+def linear_map(M):
+    """Phi(w, lam) = w - (M w - lam): fixed point w* = M^-1 lam, I - dPhi/dw^T = M^T."""
+    return lambda params, hparams: [params[0] - (M @ params[0] - hparams[0])]
+
+
+def linear_problem(M, seed=0, dtype=DT):
+    """(w*, lam, outer, reference dE/dlam = M^-T (w* - t)) for the linear map above."""
+    g = torch.Generator().manual_seed(seed)
+    n = M.shape[0]
+    M = M.to(dtype)
+    lam = torch.randn(n, generator=g, dtype=DT).to(dtype).requires_grad_(True)
+    t = torch.randn(n, generator=g, dtype=DT).to(dtype)
+    w_star = torch.linalg.solve(M.double(), lam.detach().double()).to(dtype)
+    outer = lambda params, hparams: 0.5 * ((params[0] - t) ** 2).sum()
+    ref = torch.linalg.solve(M.double().T, (w_star.double() - t.double()))
+    return w_star, lam, outer, ref
+
+
+def spectral_map(rho, n=10, seed=0):
+    """A symmetric M with I - M of spectral radius ``rho`` (eigenvalues of J = I - M in [-0.3, rho])."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=DT))
+    J = Q @ torch.diag(torch.linspace(-0.3, rho, n, dtype=DT)) @ Q.T
+    return torch.eye(n, dtype=DT) - J
+
+
+# 1. CG on a non-symmetric operator ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("momentum", [0.5, 0.9])
+def test_cg_on_heavy_ball_raises_naming_gmres_and_gmres_is_right(momentum):
+    p = ridge(cond=None)
+    opt = hg.HeavyBall(p["inner_loss"], p["step"], momentum)
+    params = [p["w_star"], p["w_star"]]  # the fixed point (w*, w*)
+    with pytest.raises(hg.BreakdownError, match="gmres"):
+        hg.cg(params, [p["lam"]], 20, opt, p["outer_loss"], set_grad=False)
+    with pytest.raises(hg.BreakdownError, match="symmetric"):
+        hg.hypergradient(params, [p["lam"]], opt, p["outer_loss"], solver="cg", K=200, set_grad=False)
+    res = hg.hypergradient(params, [p["lam"]], opt, p["outer_loss"], solver="gmres", K=200, set_grad=False)
+    assert res.converged and rel_err(res.grads[0], p["ref"]) <= 1e-9
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("skew", [1.0, 0.1, 0.02])
+def test_cg_on_non_normal_map_with_positive_definite_symmetric_part_raises(skew, dtype):
+    g = torch.Generator().manual_seed(1)
+    n = 12
+    B = torch.randn(n, n, generator=g, dtype=DT)
+    S = B @ B.T / n + 0.5 * torch.eye(n, dtype=DT)  # symmetric positive definite part
+    N = torch.randn(n, n, generator=g, dtype=DT)
+    M = S + skew * (N - N.T)  # x^T M x = x^T S x > 0, but M != M^T
+    w, lam, outer, ref = linear_problem(M, dtype=dtype)
+    with pytest.raises(hg.BreakdownError, match="gmres"):
+        hg.cg([w], [lam], 20, linear_map(M.to(dtype)), outer, set_grad=False)
+    res = hg.hypergradient([w], [lam], linear_map(M.to(dtype)), outer, solver="gmres", K=100, set_grad=False)
+    assert res.converged and rel_err(res.grads[0].double(), ref) <= (1e-9 if dtype == DT else 1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("cond", [10.0, 1e3, 1e5])
+def test_cg_symmetry_check_has_no_false_alarm_on_gradient_descent_maps(cond, dtype):
+    """The other side of the check: ill-conditioned symmetric maps in float32 and float64 never raise."""
+    p = ridge(cond=cond)
+    w = p["w_star"].to(dtype)
+    lam = p["lam"].detach().to(dtype).requires_grad_(True)
+    inner = lambda ps, hs: p["inner_loss"]([ps[0].double()], [hs[0].double()]).to(dtype)
+    outer = lambda ps, hs: p["outer_loss"]([ps[0].double()], hs).to(dtype)
+    res = hg.hypergradient([w], [lam], hg.GradientDescent(inner, p["step"]), outer, solver="cg", K=300,
+                           set_grad=False, fixed_point_tol=math.inf)
+    assert torch.isfinite(res.grads[0]).all()
+    if dtype == DT:
+        assert rel_err(res.grads[0], p["ref"]) <= 1e-12 * cond * 1e3
+
+
+# 2. non-contractive maps in fixed_point / neumann -----------------------------------------------------------
+
+@pytest.mark.parametrize("solver", ["fixed_point", "neumann"])
+@pytest.mark.parametrize("rho", [1.02, 1.1, 1.5])
+@pytest.mark.parametrize("K", [10, 40, 100])
+def test_non_contractive_maps_raise_divergence(solver, rho, K):
+    w, lam, outer, ref = linear_problem(spectral_map(rho))
+    with pytest.raises(hg.DivergenceError, match="contract"):
+        hg.hypergradient([w], [lam], linear_map(spectral_map(rho)), outer, solver=solver, K=K, set_grad=False)
+    fn = hg.fixed_point if solver == "fixed_point" else hg.neumann
+    with pytest.raises(hg.DivergenceError):
+        fn([w], [lam], K, linear_map(spectral_map(rho)), outer, set_grad=False)
+
+
+@pytest.mark.parametrize("solver", ["fixed_point", "neumann"])
+def test_slow_contraction_is_not_an_error_and_its_error_falls_with_K(solver):
+    M = spectral_map(0.95)
+    w, lam, outer, ref = linear_problem(M)
+    errs = []
+    for K in (10, 40, 160, 800):
+        res = hg.hypergradient([w], [lam], linear_map(M), outer, solver=solver, K=K, set_grad=False)
+        errs.append(rel_err(res.grads[0], ref))
+        assert res.converged == (errs[-1] < 1e-9)
+    assert errs[0] > errs[1] > errs[2] > errs[3] and errs[3] <= 1e-9, errs
+
+
+def test_batched_non_contractive_task_is_named():
+    Ms = torch.stack([spectral_map(0.5), spectral_map(1.2), spectral_map(0.7)])
+    w = torch.randn(3, 10, dtype=DT)
+    lam = torch.randn(3, 10, dtype=DT, requires_grad=True)
+    w = torch.linalg.solve(Ms, lam.detach())
+    fp = lambda ps, hs: [ps[0] - ((Ms @ ps[0][..., None])[..., 0] - hs[0])]
+    outer = lambda ps, hs: 0.5 * (ps[0] ** 2).sum(1)
+    for solver in ("fixed_point", "neumann"):
+        with pytest.raises(hg.DivergenceError, match=r"task\(s\) 1"):
+            hg.batched_hypergradient([w], [lam], fp, outer, solver=solver, K=60, set_grad=False)
+
+
+# 3. stoch_AID gets the same monitor; K is a non-negative integer everywhere -------------------------------
+
+def test_stoch_aid_diverging_adjoint_raises():
+    w, lam, outer, _ = linear_problem(spectral_map(1.5))
+    with pytest.raises(hg.DivergenceError):
+        hg.stoch_AID([w], [lam], outer, 100, fp_map=linear_map(spectral_map(1.5)), set_grad=False, verbose=False)
+    p = ridge()
+    with pytest.raises(hg.DivergenceError):  # Hessian system with the default lr 1 and ||H|| >> 2
+        hg.stoch_AID([p["w_star"]], [p["lam"]], p["outer_loss"], 100, inner_loss=p["inner_loss"], set_grad=False,
+                     verbose=False)
+
+
+@pytest.mark.parametrize("K", [-1, True, 2.5, "3", torch.tensor(2.0)])
+def test_bad_K_is_rejected_everywhere(K):
+    p = ridge()
+    fp = hg.GradientDescent(p["inner_loss"], p["step"])
+    calls = [lambda: hg.cg([p["w_star"]], [p["lam"]], K, fp, p["outer_loss"], set_grad=False),
+             lambda: hg.hypergradient([p["w_star"]], [p["lam"]], fp, p["outer_loss"], K=K, set_grad=False),
+             lambda: hg.stoch_AID([p["w_star"]], [p["lam"]], p["outer_loss"], K, fp_map=fp, set_grad=False,
+                                  verbose=False),
+             lambda: hg.batched_hypergradient([p["w_star"][None]], [p["lam"]], lambda ps, hs: [fp([ps[0][0]], hs)[0][None]],
+                                              lambda ps, hs: p["outer_loss"]([ps[0][0]], hs)[None], K=K, set_grad=False)]
+    for call in calls:
+        with pytest.raises((TypeError, ValueError), match="K"):
+            call()
+
+
+@pytest.mark.parametrize("K", [np.int64(30), torch.tensor(30), 30])
+def test_integral_K_of_any_kind_is_accepted(K):
+    p = ridge()
+    g = hg.cg([p["w_star"]], [p["lam"]], K, hg.GradientDescent(p["inner_loss"], p["step"]), p["outer_loss"],
+              set_grad=False)
+    assert rel_err(g[0], p["ref"]) <= 1e-9
+
+
+# 4. params that are not at the fixed point ------------------------------------------------------------------
+
+def test_fixed_point_residual_is_reported_and_warned_and_can_be_an_error():
+    p = ridge()
+    fp = hg.GradientDescent(p["inner_loss"], p["step"])
+    w0 = torch.zeros_like(p["w_star"])  # after 0 inner steps
+    with pytest.warns(hg.FixedPointWarning, match="not a fixed point"):
+        res = hg.hypergradient([w0], [p["lam"]], fp, p["outer_loss"], K=100, set_grad=False)
+    # independent: Phi(0) - 0 = -step * grad L(0) = step * X^T y
+    expect = (p["step"] * p["X"].T @ p["y"]).norm().item()
+    assert abs(res.fp_residual - expect) <= 1e-12 * expect and abs(res.fp_residual_rel - 1.0) <= 1e-12
+    with pytest.raises(hg.NotAFixedPointError, match="fixed_point_tol"):
+        hg.hypergradient([w0], [p["lam"]], fp, p["outer_loss"], K=100, set_grad=False, fixed_point_tol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        at = hg.hypergradient([p["w_star"]], [p["lam"]], fp, p["outer_loss"], K=100, set_grad=False,
+                              fixed_point_tol=1e-10)
+    assert at.fp_residual_rel <= 1e-12 and rel_err(at.grads[0], p["ref"]) <= 1e-9
+    with pytest.warns(hg.FixedPointWarning):  # the hypertorch wrappers warn too
+        hg.cg([w0], [p["lam"]], 10, fp, p["outer_loss"], set_grad=False)
+
+
+def test_batched_fixed_point_residual_per_task():
+    p = ridge()
+    fp = hg.GradientDescent(p["inner_loss"], p["step"])
+    W = torch.stack([p["w_star"], torch.zeros_like(p["w_star"])])
+    bfp = lambda ps, hs: [torch.stack([fp([ps[0][i]], hs)[0] for i in range(2)])]
+    bouter = lambda ps, hs: torch.stack([p["outer_loss"]([ps[0][i]], hs) for i in range(2)])
+    with pytest.raises(hg.NotAFixedPointError):
+        hg.batched_hypergradient([W], [p["lam"]], bfp, bouter, set_grad=False, fixed_point_tol=1e-6)
+    res = hg.batched_hypergradient([W], [p["lam"]], bfp, bouter, set_grad=False, fixed_point_tol=math.inf)
+    assert res.fp_residual_rel[0] <= 1e-12 and abs(float(res.fp_residual_rel[1]) - 1.0) <= 1e-12
+
+
+# 5. scale-invariant tolerances -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("solver", ["cg", "minres", "gmres", "fixed_point", "neumann", "dense", "cg_normaleq"])
+def test_scaling_the_outer_loss_scales_the_hypergradient(solver, dtype):
+    p = ridge(d=6)
+    w = p["w_star"].to(dtype)
+    lam = p["lam"].detach().to(dtype).requires_grad_(True)
+    fp = hg.GradientDescent(lambda ps, hs: p["inner_loss"]([ps[0].double()], [hs[0].double()]).to(dtype), p["step"])
+    K = 3000 if solver in ("fixed_point", "neumann") else 200
+    ref = p["ref"]
+    tol = 1e-9 if dtype == DT else 2e-4
+    for c in (1e-12, 1e-6, 1.0, 1e6, 1e12):
+        outer = lambda ps, hs, c=c: c * p["outer_loss"]([ps[0].double()], hs).to(dtype)
+        res = hg.hypergradient([w], [lam], fp, outer, solver=solver, K=K, set_grad=False, fixed_point_tol=math.inf)
+        assert res.converged, (c, res)
+        assert rel_err(res.grads[0].double() / c, ref) <= tol, (c, rel_err(res.grads[0].double() / c, ref))
+
+
+def test_hypertorch_wrappers_never_return_an_empty_solve():
+    """hypertorch's absolute tol=1e-10 above ||dE/dw|| = 1e-12 gives v = 0; ours warns and solves."""
+    p = ridge()
+    fp = hg.GradientDescent(p["inner_loss"], p["step"])
+    tiny = lambda ps, hs: 1e-12 * p["outer_loss"](ps, hs)
+    for fn in (hg.cg, hg.fixed_point, hg.neumann, hg.minres, hg.gmres, hg.CG_normaleq):
+        with pytest.warns(UserWarning, match="zero adjoint"):
+            g = fn([p["w_star"]], [p["lam"]], 400, fp, tiny, set_grad=False)
+        assert rel_err(g[0] / 1e-12, p["ref"]) <= 1e-6, fn
+    # where hypertorch is right (||dE/dw|| above tol) the absolute tolerance is kept: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        g = hg.cg([p["w_star"]], [p["lam"]], 100, fp, p["outer_loss"], set_grad=False)
+    assert rel_err(g[0], p["ref"]) <= 1e-9
+
+
+# 6. batched tasks that are coupled --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pair", [(1, 2), (3, 6), (0, 7), (5, 4)])
+def test_any_coupling_between_any_tasks_is_rejected(pair):
+    B, n = 8, 5
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(B, n, generator=g, dtype=DT)
+    lam = torch.randn(n, generator=g, dtype=DT, requires_grad=True)
+    a, b = pair
+    C = torch.zeros(B, B, dtype=DT)
+    C[a, b] = 0.1  # task a's update reads task b's params
+
+    def fp(ps, hs):
+        w = ps[0]
+        return [0.5 * w + 0.1 * hs[0] + C @ w]
+
+    outer = lambda ps, hs: (ps[0] ** 2).sum(1)
+    with pytest.raises(ValueError, match="mixes tasks"):
+        hg.batched_hypergradient([W], [lam], fp, outer, set_grad=False, fixed_point_tol=math.inf)
+    C.zero_()  # uncoupled: accepted
+    hg.batched_hypergradient([W], [lam], fp, outer, set_grad=False, fixed_point_tol=math.inf)
+
+
+# 10. reverse_unroll without a graph; fp_map changing dtype ----------------------------------------------------
+
+def test_reverse_unroll_without_a_graph_to_the_hparams_raises():
+    p = ridge()
+    outer = lambda ps, hs: p["outer_loss"](ps, hs) + (hs[0] ** 2).sum()  # has a direct term
+    leaf = p["w_star"].detach().requires_grad_()
+    with pytest.raises(ValueError, match="graph"):
+        hg.reverse_unroll([leaf], [p["lam"]], outer, set_grad=False)
+    other = torch.zeros(8, dtype=DT, requires_grad=True)
+    unrelated = [other * 2.0 + 1.0]  # a graph, but not to lam
+    with pytest.raises(ValueError, match="do not depend on hparams"):
+        hg.reverse_unroll(unrelated, [p["lam"]], outer, set_grad=False)
+    w = [torch.zeros(8, dtype=DT, requires_grad=True)]  # the real thing works and equals the closed form
+    fp = hg.GradientDescent(p["inner_loss"], p["step"])
+    for _ in range(3000):
+        w = fp(w, [p["lam"]])
+    g = hg.reverse_unroll(w, [p["lam"]], p["outer_loss"], set_grad=False)
+    assert rel_err(g[0], p["ref"]) <= 1e-8
+
+
+def test_fp_map_that_changes_dtype_or_detaches_is_rejected():
+    p = ridge()
+    fp = hg.GradientDescent(p["inner_loss"], p["step"])
+    with pytest.raises(TypeError, match="dtype"):
+        hg.cg([p["w_star"]], [p["lam"]], 10, lambda ps, hs: [t.float() for t in fp(ps, hs)], p["outer_loss"],
+              set_grad=False)
+    with pytest.raises(ValueError, match="without a graph"):
+        hg.cg([p["w_star"]], [p["lam"]], 10, lambda ps, hs: [t.detach() for t in fp(ps, hs)], p["outer_loss"],
+              set_grad=False)
+
+
+# unclear errors and API edges --------------------------------------------------------------------------------
+
+def _singular(consistent):
+    g = torch.Generator().manual_seed(0)
+    n = 8
+    Bm = torch.randn(n, n - 2, generator=g, dtype=DT)
+    M = Bm @ Bm.T / n  # symmetric PSD of rank n - 2
+    w = torch.randn(n, generator=g, dtype=DT)
+    lam = (M @ w).requires_grad_(True)  # w is a fixed point: M w = lam
+    t = w - (M @ torch.randn(n, generator=g, dtype=DT) if consistent else torch.randn(n, generator=g, dtype=DT))
+    outer = lambda ps, hs: 0.5 * ((ps[0] - t) ** 2).sum()  # dE/dw = w - t: in range(M) iff consistent
+    return M, w, lam, outer, w - t
+
+
+def test_singular_symmetric_system_is_diagnosed_as_singular():
+    M, w, lam, outer, gE = _singular(consistent=False)
+    for solver in ("cg", "minres", "dense"):
+        with pytest.raises(hg.SingularSystemError, match="singular"):
+            hg.hypergradient([w], [lam], linear_map(M), outer, solver=solver, K=100, set_grad=False)
+
+
+def test_singular_consistent_system_minres_gives_the_least_squares_adjoint():
+    M, w, lam, outer, gE = _singular(consistent=True)
+    res = hg.hypergradient([w], [lam], linear_map(M), outer, solver="minres", K=100, set_grad=False)
+    v_ref = torch.linalg.pinv(M) @ gE  # dE/dlam = (dPhi/dlam)^T v = v
+    assert res.converged and (M @ res.v[0] - gE).norm() <= 1e-9 * gE.norm()
+    assert rel_err(res.grads[0], v_ref) <= 1e-8
+    with pytest.raises(hg.SingularSystemError, match="minres"):  # dense says where to go
+        hg.hypergradient([w], [lam], linear_map(M), outer, solver="dense", set_grad=False)
+
+
+def test_nan_in_hparams_or_params_is_named_before_any_solve():
+    p = ridge()
+    fp = hg.GradientDescent(p["inner_loss"], p["step"])
+    bad = p["lam"].detach().clone()
+    bad[2] = float("nan")
+    with pytest.raises(hg.NonFiniteError, match=r"hparams\[0\]"):
+        hg.cg([p["w_star"]], [bad.requires_grad_()], 10, fp, p["outer_loss"], set_grad=False)
+    w = p["w_star"].clone()
+    w[0] = float("inf")
+    with pytest.raises(hg.NonFiniteError, match=r"params\[0\]"):
+        hg.cg([w], [p["lam"]], 10, fp, p["outer_loss"], set_grad=False)
+
+
+def test_unknown_solver_options_and_bad_tolerances_are_errors():
+    p = ridge()
+    fp = hg.GradientDescent(p["inner_loss"], p["step"])
+    args = ([p["w_star"]], [p["lam"]], fp, p["outer_loss"])
+    with pytest.raises(TypeError, match="restrat.*restart"):
+        hg.hypergradient(*args, solver="gmres", restrat=5, set_grad=False)
+    with pytest.raises(TypeError, match="check_evry.*check_every"):
+        hg.hypergradient(*args, check_evry=5, set_grad=False)
+    with pytest.raises(TypeError, match="K="):
+        hg.hypergradient(*args, maxiter=5, set_grad=False)
+    for bad in (-1e-3, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="tol"):
+            hg.hypergradient(*args, solver="dense", tol=bad, set_grad=False)
+        with pytest.raises(ValueError, match="rtol"):
+            hg.hypergradient(*args, solver="cg", rtol=bad, set_grad=False)
+
+
+def test_set_grad_must_be_a_bool_in_every_hypertorch_function():
+    p = ridge()
+    fp = hg.GradientDescent(p["inner_loss"], p["step"])
+    with pytest.raises(TypeError, match="set_grad"):  # older hypertorch passed tol here
+        hg.reverse([[p["w_star"]], [p["w_star"]]], [p["lam"]], [fp], p["outer_loss"], 0.0)
+    for fn in (hg.cg, hg.fixed_point, hg.neumann, hg.CG_normaleq, hg.minres, hg.gmres):
+        with pytest.raises(TypeError, match="set_grad"):
+            fn([p["w_star"]], [p["lam"]], 10, fp, p["outer_loss"], 1e-10, 0.0)
+    with pytest.raises(TypeError, match="set_grad"):
+        hg.reverse_unroll([p["w_star"] * p["lam"]], [p["lam"]], p["outer_loss"], 0)
