@@ -427,4 +427,5 @@ def grad_unused_zero(output, inputs, grad_outputs=None, retain_graph=False, crea
 
 cat_list_to_tensor = tl.flatten
 update_tensor_grads = tl.accumulate_grads
+from ._hypertorch_helpers import CG_torch, cat_list_to_tensor, grd, jvp, list_dot  # noqa: E402,F401,F811
 
