@@ -1,6 +1,8 @@
 """Whole bilevel solvers over the core's interface: Implicit, Dynamic (RAD, T-RAD, BDA, IAPTT-GM), BVFIM.
 
-Each algorithm is a function of ``(params, hparams, inner_loss, outer_loss, ...)`` (the hypergrad
+Each algorithm is a function (``implicit_hypergradient``, ``dynamic_hypergradient``, ``bvfim_hypergradient``,
+in the modules ``methods.implicit``, ``methods.dynamic``, ``methods.bvfim``) of
+``(params, hparams, inner_loss, outer_loss, ...)`` (the hypergrad
 convention: y = params, x = hparams, losses of ``(params, hparams)``) returning a result with the
 gradients and diagnostics; the classes are thin ``objective(state)`` / ``nn.Module`` adapters over them:
 
@@ -12,11 +14,12 @@ gradients and diagnostics; the classes are thin ``objective(state)`` / ``nn.Modu
 """
 from ._lower import SGDRule
 from .base import BilevelSolver, ModuleView, Result
-from .bvfim import BVFIM, BVFIMResult, bvfim
-from .dynamic import Dynamic, DynamicResult, dynamic
-from .implicit import Implicit, ImplicitResult, implicit
+from . import bvfim, dynamic, implicit  # the modules (the functions are named *_hypergradient)
+from .bvfim import BVFIM, BVFIMResult, SlackResolutionError, bvfim_hypergradient
+from .dynamic import Dynamic, DynamicResult, dynamic_hypergradient
+from .implicit import Implicit, ImplicitResult, implicit_hypergradient
 
 __all__ = ["BilevelSolver", "ModuleView", "Result", "SGDRule",
-           "Implicit", "ImplicitResult", "implicit",
-           "Dynamic", "DynamicResult", "dynamic",
-           "BVFIM", "BVFIMResult", "bvfim"]
+           "Implicit", "ImplicitResult", "implicit_hypergradient",
+           "Dynamic", "DynamicResult", "dynamic_hypergradient",
+           "BVFIM", "BVFIMResult", "bvfim_hypergradient", "SlackResolutionError"]

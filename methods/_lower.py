@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from hypergrad import tensor_list as tl
-from hypergrad.errors import NonFiniteError
+from hypergrad.errors import DivergenceError, NonFiniteError
 
 TensorList = List[Tensor]
 Loss = Callable[[TensorList, TensorList], Tensor]
@@ -139,7 +139,8 @@ def raise_if_nonfinite(values: Sequence[Tensor], what: str, index_name: str = "s
 def descend(params: Sequence[Tensor], grad_fn: Callable[[TensorList, int, bool], TensorList], rule: SGDRule,
             steps: range, state: Optional[list] = None, *, track: bool,
             on_iterate: Optional[Callable[[TensorList, int], None]] = None):
-    """Apply ``rule`` with ``grad_fn(y, t, create_graph)`` for t in ``steps``; return (y, state, grad norms).
+    """Apply ``rule`` with ``grad_fn(y, t, create_graph)`` for t in ``steps``; return (y, state, grad norms,
+    the iterate before the last step, detached: ``fp_residual(prev, y)`` is then ||Phi(y_prev) - y_prev||).
 
     ``track=False``: no graph at all (each step at its own iterate, detached). ``track=True``: every
     step stays on the graph, so the result can be differentiated w.r.t. whatever ``grad_fn`` and the
@@ -148,7 +149,9 @@ def descend(params: Sequence[Tensor], grad_fn: Callable[[TensorList, int, bool],
     y = list(params)
     state = rule.init(y) if state is None else state
     norms: List[Tensor] = []
+    prev = [w.detach() for w in y]
     for t in steps:
+        prev = [w.detach() for w in y]
         if track:
             y = [w if w.requires_grad else w.detach().requires_grad_(True) for w in y]
             with torch.enable_grad():
@@ -163,4 +166,53 @@ def descend(params: Sequence[Tensor], grad_fn: Callable[[TensorList, int, bool],
         norms.append(torch.sqrt(sq_norm([gi.detach() for gi in g])))
         if on_iterate is not None:
             on_iterate(y, t)
-    return y, state, norms
+    return y, state, norms, prev
+
+
+def fp_residual(prev: Sequence[Tensor], y: Sequence[Tensor]) -> Tuple[float, float]:
+    """(||Phi(w) - w||, ||Phi(w) - w|| / max(||w||, ||Phi(w)||)) for one step w = ``prev`` -> Phi(w) = ``y``
+    (0 relative residual when both are 0). One host read, after the loop."""
+    with torch.no_grad():
+        d = torch.sqrt(sq_norm([a.detach() - b.detach() for a, b in zip(y, prev)]))
+        scale = torch.maximum(torch.sqrt(sq_norm([w.detach() for w in prev])),
+                              torch.sqrt(sq_norm([w.detach() for w in y])))
+        both = torch.stack([d, torch.where(scale > 0, d / scale, torch.zeros_like(d))]).tolist()
+    return float(both[0]), float(both[1])
+
+
+GROWTH, STREAK, STREAK_GROWTH = 1e6, 10, 1e3
+
+
+def check_lower(losses: Sequence[Tensor], norms: Sequence[Tensor], step_option: str,
+                what: str = "the lower") -> None:
+    """NaN/Inf and divergence of a lower loop, from its per-step losses f_t and gradient norms g_t (tensors:
+    one host read for the whole loop). Diverging: at some t, f_t > f_0 and either g_t > GROWTH g_0 or the
+    last STREAK steps all raised both f and g with g_t > STREAK_GROWTH g_0 (a descent step with a small
+    enough step size lowers f, so a rising loss with an exploding gradient means the step is too large).
+    Raise :class:`DivergenceError` naming ``step_option``, else :class:`NonFiniteError` at the first NaN."""
+    if not norms:
+        return
+    n = min(len(losses), len(norms))
+    rows = torch.stack([torch.stack([v.detach().reshape(()) for v in losses[:n]]),
+                        torch.stack([v.detach().reshape(()) for v in norms[:n]])]).double().cpu().tolist()
+    f, g = rows
+    finite = [a == a and b == b and abs(a) != float("inf") and abs(b) != float("inf") for a, b in zip(f, g)]
+    end = finite.index(False) if False in finite else n
+    up = 0
+    for t in range(1, end):
+        up = up + 1 if (f[t] > f[t - 1] and g[t] > g[t - 1]) else 0
+        if f[t] > f[0] and (g[t] > GROWTH * g[0] or (up >= STREAK and g[t] > STREAK_GROWTH * g[0])):
+            raise DivergenceError(
+                f"{what} iteration diverges: its gradient norm grew from {g[0]:.3e} to {g[t]:.3e} and its loss "
+                f"from {f[0]:.6g} to {f[t]:.6g} in {t} steps (of {len(norms)}); the step size {step_option} is "
+                f"too large for this problem (gradient descent needs step < 2/L, L the curvature of the lower "
+                f"loss): pass a smaller one, e.g. a tenth")
+    if end < n or len(losses) != len(norms):
+        raise_if_nonfinite(list(losses), f"{what} loss", "lower step")
+        raise_if_nonfinite(list(norms), f"{what} gradient", "lower step")
+
+
+def step_name(option: str, rule: SGDRule) -> str:
+    """``option`` with the rule's current value, e.g. ``lr=0.5``."""
+    lrs = sorted(set(rule.lr))
+    return f"{option}={lrs[0]:g}" if len(lrs) == 1 else f"{option} (values {', '.join(f'{v:g}' for v in lrs)})"

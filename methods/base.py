@@ -59,12 +59,17 @@ class ModuleView:
 @dataclass
 class Result:
     """What every solver function returns: one gradient per hparam, the final lower iterate ``params``
-    (detached), the ``upper_loss`` that was differentiated and ``lower_grad_norm``, the norm of the last
-    lower gradient evaluated. Subclasses add their own diagnostics."""
+    (detached), the ``upper_loss`` that was differentiated, ``lower_grad_norm``, the norm of the last
+    lower gradient evaluated, and the inner fixed-point residual ``fp_residual`` = ||Phi(y) - y|| with
+    ``fp_residual_rel`` = ||Phi(y) - y|| / max(||y||, ||Phi(y)||), Phi the lower step (how far y is from a
+    lower solution: ||y - y*|| <= ||Phi(y) - y|| / (1 - rho) for a contraction with factor rho). Subclasses
+    add their own diagnostics."""
     grads: List[Tensor]
     params: List[Tensor]
     upper_loss: Tensor
     lower_grad_norm: float
+    fp_residual: float
+    fp_residual_rel: float
 
     def diagnostics(self) -> Dict[str, Any]:
         """The scalar fields (iterations, residuals, k*, slack, ...) as a plain dict."""

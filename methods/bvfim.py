@@ -8,13 +8,22 @@ With mu1 = z_l2_reg, theta = y_l2_reg, tau = y_ln_reg and mu2 > 0:
 2. y-loop, T_y steps on the barrier problem  F(x, y) + theta/2 ||y||^2 - tau ln(f*_mu(x) - f(x, y)),
    keeping the slack f*_mu(x) - f(x, y) > 0: if the start is infeasible the loop restarts from z (where
    the slack is mu1/2 ||z||^2 + mu2 > 0), and a step that would leave the interior or increase the
-   barrier objective is halved until it does not (backtracking; after ``max_backtracks`` halvings y
-   stays where it is, the step counts as a stall and the y-loop ends). The monotone rule keeps y from jumping to a far
+   barrier objective beyond its rounding error is halved until it does not (when the change of psi is
+   within roundoff, progress is judged by a smaller gradient norm instead; after ``max_backtracks``
+   halvings y stays where it is, the step counts as a stall and the y-loop ends). The monotone rule keeps y from jumping to a far
    basin of a periodic f through one huge barrier step.
 3. Upper gradient (Danskin on both value functions, d/dx of F(x, y) - tau ln(f*_mu(x) - f(x, y))):
        grad_x F(x, y) + tau (grad_x f(x, y) - grad_x f(x, z)) / (f*_mu(x) - f(x, y)).
 4. The regularization (mu1, mu2, theta, tau) is divided by ``reg_decay`` >= 1, growing with the outer
-   iterations. Adding a constant to f changes nothing: only differences of f enter.
+   iterations. Adding a constant to f changes nothing: only differences of f enter, and the slack is
+   computed as (f(x, z) - f(x, y)) + (mu1/2 ||z||^2 + mu2) so no rounding at the scale of f is added.
+
+Precision: psi's rounding error is estimated as eps of the dtype times the magnitudes in psi (the slack's
+error amplified by tau / slack); below it the backtracking test compares gradient norms, so float32
+neither stalls on noise nor oscillates within it. Where the
+dtype cannot resolve the slack at all (eps |f| > ``slack_rtol`` * slack, e.g. f ~ 1e6 in float32) the
+result would be noise and :class:`SlackResolutionError` is raised. A diverging z-loop (z_lr too large)
+raises :class:`hypergrad.DivergenceError`.
 """
 from __future__ import annotations
 
@@ -25,11 +34,16 @@ import torch
 from torch import Tensor
 
 from hypergrad import update_tensor_grads
-from hypergrad.errors import NonFiniteError
+from hypergrad.errors import HypergradError, NonFiniteError
 from hypergrad.tensor_list import assert_finite
 
-from ._lower import Loss, SGDRule, check_int, descend, grads_of, raise_if_nonfinite, sq_norm
+from ._lower import Loss, SGDRule, check_int, check_lower, descend, fp_residual, grads_of, raise_if_nonfinite, \
+    sq_norm, step_name
 from .base import BilevelSolver, Objective, Result
+
+
+class SlackResolutionError(HypergradError, ArithmeticError):
+    """The dtype cannot resolve the slack f*_mu - f(x, y) (|f| much larger than slack / eps)."""
 
 
 @dataclass
@@ -37,11 +51,14 @@ class BVFIMResult(Result):
     """Plus ``z`` (the regularized lower solution), ``slack`` = f*_mu - f(x, y) > 0 at the returned y,
     ``f_star`` = f*_mu(x), the y-loop's last gradient norm ``y_grad_norm``, the number of ``restarts``
     from z and of ``backtracks`` (step halvings), and the regularization used (mu1, mu2, theta, tau).
-    ``lower_grad_norm`` is the z-loop's last gradient norm."""
+    ``lower_grad_norm`` and ``fp_residual`` are the z-loop's last gradient norm and step ||z_T - z_{T-1}||;
+    ``y_fp_residual`` is the y-loop's last undamped step ||Phi(y) - y|| (before backtracking)."""
     z: List[Tensor]
     slack: float
     f_star: float
     y_grad_norm: float
+    y_fp_residual: float
+    y_fp_residual_rel: float
     restarts: int
     backtracks: int
     stalls: int
@@ -59,24 +76,28 @@ def _positive(value, name: str, allow_zero: bool = False) -> float:
     return float(value)
 
 
-def bvfim(params: Sequence[Tensor], hparams: Sequence[Tensor], inner_loss: Loss, outer_loss: Loss, *,
-          z_loop: int = 10, y_loop: int = 10, z_lr: float = 0.1, y_lr: float = 0.1, mu1: float = 0.1,
-          theta: float = 0.01, tau: float = 10.0, mu2: float = 1.0, z0: Optional[Sequence[Tensor]] = None,
-          z_rule: Optional[SGDRule] = None, y_rule: Optional[SGDRule] = None, max_backtracks: int = 30,
-          set_grad: bool = True) -> BVFIMResult:
+def bvfim_hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], inner_loss: Loss, outer_loss: Loss,
+                        *, z_loop: int = 10, y_loop: int = 10, z_lr: float = 0.1, y_lr: float = 0.1,
+                        mu1: float = 0.1, theta: float = 0.01, tau: float = 10.0, mu2: float = 1.0,
+                        z0: Optional[Sequence[Tensor]] = None, z_rule: Optional[SGDRule] = None,
+                        y_rule: Optional[SGDRule] = None, max_backtracks: int = 30, slack_rtol: float = 1e-3,
+                        set_grad: bool = True) -> BVFIMResult:
     """One BVFIM upper gradient (see the module docstring). ``params`` is the start of the y-loop,
     ``z0`` of the z-loop (default: ``params``); neither is modified. ``z_rule``/``y_rule`` replace
-    plain gradient descent with steps ``z_lr``/``y_lr``."""
+    plain gradient descent with steps ``z_lr``/``y_lr``. ``slack_rtol``: the largest relative rounding
+    error of the slack (``eps * (|f(x, z)| + |f(x, y)|) / slack``, eps of the dtype) accepted before
+    :class:`SlackResolutionError` is raised."""
     check_int(z_loop, "lower_loop (z-loop length)", 1)
     check_int(y_loop, "y_loop", 1)
     check_int(max_backtracks, "max_backtracks", 0)
     mu1, theta, tau = _positive(mu1, "z_l2_reg (mu1)", True), _positive(theta, "y_l2_reg (theta)", True), \
         _positive(tau, "y_ln_reg (tau)")
-    mu2 = _positive(mu2, "mu2")
+    mu2, slack_rtol = _positive(mu2, "mu2"), _positive(slack_rtol, "slack_rtol")
     hparams, params = list(hparams), [p.detach() for p in params]
     z_rule = SGDRule.plain(z_lr, len(params)) if z_rule is None else z_rule
     y_rule = SGDRule.plain(y_lr, len(params)) if y_rule is None else y_rule
     xd = hparams  # the loops never differentiate w.r.t. x (autograd.grad w.r.t. the iterate only)
+    eps = torch.finfo(params[0].dtype).eps
 
     # 1. z-loop on the regularized lower problem
     z_losses: List[Tensor] = []
@@ -87,66 +108,103 @@ def bvfim(params: Sequence[Tensor], hparams: Sequence[Tensor], inner_loss: Loss,
         return grads_of(loss, z)
 
     start_z = params if z0 is None else [w.detach() for w in z0]
-    z, _, z_norms = descend(start_z, z_grad, z_rule, range(z_loop), track=False)
+    z, _, z_norms, z_prev = descend(start_z, z_grad, z_rule, range(z_loop), track=False)
+    check_lower(z_losses, z_norms, step_name("z_lr (or ll_opt's lr)", z_rule), "the z-loop")
     z = [w.detach() for w in z]
     with torch.no_grad():
-        f_star = inner_loss(z, xd).reshape(()) + 0.5 * mu1 * sq_norm(z) + mu2
-    raise_if_nonfinite(z_losses + [f_star], "the z-loop loss f(x, z) + mu1/2 |z|^2", "z step")
-    raise_if_nonfinite(z_norms, "the z-loop gradient", "z step")
+        f_z = inner_loss(z, xd).reshape(())
+        reg = 0.5 * mu1 * sq_norm(z) + mu2  # f*_mu = f_z + reg; the slack is (f_z - f(y)) + reg, in that order
+    raise_if_nonfinite([f_z, reg], "the value f(x, z) + mu1/2 |z|^2", "z step")
 
-    # 2. y-loop on the barrier problem, strictly inside {f(x, y) < f*_mu}, never increasing psi
+    # 2. y-loop on the barrier problem, strictly inside {f(x, y) < f*_mu}, never increasing psi beyond roundoff
     def psi_at(y):
-        """Leaves for y, the barrier objective psi(y) (with graph) and the slack (psi None if infeasible)."""
+        """Leaves for y, psi(y) (with graph; None if infeasible), the slack and psi's rounding error: eps times
+        the magnitudes summed in psi, the slack's error eps (|f_z| + |f(y)|) amplified by tau / slack."""
         y = [w.detach().requires_grad_(True) for w in y]
         with torch.enable_grad():
-            s = f_star - inner_loss(y, xd).reshape(())
+            f_y = inner_loss(y, xd).reshape(())
+            s = (f_z - f_y) + reg
             if not bool(s > 0):  # also catches NaN
-                return y, None, s
-            psi = outer_loss(y, xd).reshape(()) + 0.5 * theta * sq_norm(y) - tau * torch.log(s)
-        return y, psi, s
+                return y, None, s, None
+            F_y, ry = outer_loss(y, xd).reshape(()), 0.5 * theta * sq_norm(y)
+            psi = F_y + ry - tau * torch.log(s)
+        with torch.no_grad():
+            noise = 8 * eps * (F_y.abs() + ry + tau * torch.log(s).abs() + tau * (f_z.abs() + f_y.abs() + reg) / s)
+        return y, psi, s, noise
+
+    def grad_at(y, psi):
+        with torch.enable_grad():
+            return grads_of(psi, y)
 
     restarts = backtracks = stalls = 0
-    y, psi, _ = psi_at(params)
+    y, psi, _, noise = psi_at(params)
     if psi is None:
         restarts += 1
-        y, psi, _ = psi_at(z)
+        y, psi, _, noise = psi_at(z)
+    g = grad_at(y, psi)
     state = y_rule.init(y)
-    y_norm = torch.zeros((), dtype=y[0].dtype, device=y[0].device)
+    y_norm = torch.sqrt(sq_norm(g))
+    y_prev, y_phi = [w.detach() for w in y], [w.detach() for w in y]
     for t in range(y_loop):
-        with torch.enable_grad():
-            g = grads_of(psi, y)
         y_norm = torch.sqrt(sq_norm(g))
         if not bool(torch.isfinite(psi) & torch.isfinite(y_norm)):
             raise NonFiniteError(f"BVFIM y-loop: the barrier objective or its gradient is NaN or Inf at y step {t}")
         with torch.no_grad():
             new, state = y_rule.step([w.detach() for w in y], g, state)
+        y_prev, y_phi = [w.detach() for w in y], new
         eta = 1.0
         for _ in range(max_backtracks + 1):
             cand = [w.detach() + eta * (n - w.detach()) for w, n in zip(y, new)]
-            cand, cand_psi, _ = psi_at(cand)
-            if cand_psi is not None and bool(cand_psi <= psi + 1e-13 * psi.abs()):  # roundoff-tolerant
-                y, psi = cand, cand_psi
+            cand, cand_psi, _, cand_noise = psi_at(cand)
+            accept = False
+            if cand_psi is not None:
+                change, tol = float((cand_psi - psi).detach()), float(noise + cand_noise)
+                if change <= tol:
+                    cand_g = grad_at(cand, cand_psi)
+                    # within roundoff psi cannot tell: progress is then a smaller gradient
+                    accept = change < -tol or bool(sq_norm(cand_g) < y_norm ** 2)
+            if accept:
+                y, psi, noise, g = cand, cand_psi, cand_noise, cand_g
                 break
             eta *= 0.5
             backtracks += 1
-        else:  # no halving keeps y interior with psi non-increasing: y is a minimizer to working precision
+        else:  # no halving keeps y interior and makes progress: y is a minimizer to working precision
             stalls += 1
             break
 
-    # 3. Danskin: d/dx [F(x, y) - tau ln(f(x, z) + mu1/2|z|^2 + mu2 - f(x, y))] at fixed y, z
+    # 3. Danskin: d/dx [F(x, y) - tau ln((f(x, z) - f(x, y)) + mu1/2|z|^2 + mu2)] at fixed y, z
     y = [w.detach() for w in y]
     with torch.enable_grad():
         upper = outer_loss(y, hparams).reshape(())
-        gap = inner_loss(z, hparams).reshape(()) + (0.5 * mu1 * sq_norm(z) + mu2) - inner_loss(y, hparams).reshape(())
+        fz, fy = inner_loss(z, hparams).reshape(()), inner_loss(y, hparams).reshape(())
+        gap = (fz - fy) + (0.5 * mu1 * sq_norm(z) + mu2)
         if not bool(gap > 0):
             raise NonFiniteError(f"BVFIM: the slack f*_mu - f(x, y) = {float(gap):.3e} is not positive at the "
                                  "returned y")
         grads = grads_of(upper - tau * torch.log(gap), hparams)
+    check_slack(gap.detach(), fz.detach(), fy.detach(), eps, slack_rtol, y[0].dtype)
     assert_finite([upper.detach()] + grads, "the BVFIM upper loss or gradient")
     if set_grad:
         update_tensor_grads(hparams, grads)
-    return BVFIMResult(grads, y, upper.detach(), float(z_norms[-1]), z, float(gap.detach()), float(f_star),
-                       float(y_norm), restarts, backtracks, stalls, mu1, mu2, theta, tau)
+    fp, fp_rel = fp_residual(z_prev, z)
+    yfp, yfp_rel = fp_residual(y_prev, y_phi)
+    return BVFIMResult(grads, y, upper.detach(), float(z_norms[-1]), fp, fp_rel, z, float(gap.detach()),
+                       float(f_z + reg), float(y_norm), yfp, yfp_rel, restarts, backtracks, stalls, mu1, mu2,
+                       theta, tau)
+
+
+def check_slack(slack: Tensor, f_z: Tensor, f_y: Tensor, eps: float, rtol: float, dtype) -> None:
+    """Raise :class:`SlackResolutionError` when the slack's rounding error eps (|f(x, z)| + |f(x, y)|) exceeds
+    ``rtol`` times the slack: the barrier term tau grad/slack of the upper gradient would be noise."""
+    s, a, b = torch.stack([slack, f_z, f_y]).double().cpu().tolist()
+    err = eps * (abs(a) + abs(b))
+    if err > rtol * s:
+        raise SlackResolutionError(
+            f"BVFIM: {dtype} cannot resolve the slack f*_mu - f(x, y) = {s:.3e}: f itself is ~{max(abs(a), abs(b)):.3e}, "
+            f"so the slack carries a rounding error ~{err:.1e} ({err / s:.1e} relative > slack_rtol={rtol:g}) and the "
+            f"upper gradient would be noise. Fix: compute in float64 (.double() the models and data), subtract a "
+            f"constant from the lower objective (only differences of f matter, e.g. f - f(x, y0)), or raise mu2 "
+            f"(a larger slack)")
 
 
 class BVFIM(BilevelSolver):
@@ -197,14 +255,14 @@ class BVFIM(BilevelSolver):
     def compute_gradients(self, ul_data, ul_target, ll_data, ll_target, reg_decay: Optional[float] = None,
                           **options) -> Tensor:
         """One outer step: z-loop, y-loop, Danskin upper gradient added to the upper ``.grad``.
-        ``options`` override the keywords of :func:`bvfim` for this call."""
+        ``options`` override the keywords of :func:`bvfim_hypergradient` for this call."""
         inner, outer = self.losses(ul_data, ul_target, ll_data, ll_target)
         d = self.decay(reg_decay)
         kw = dict(z_loop=self.lower_loop, y_loop=self.y_loop, mu1=self.mu1 / d, theta=self.theta / d,
                   tau=self.tau / d, mu2=self.mu2 / d, z0=self._z, z_rule=self.z_rule, y_rule=self.y_rule,
                   max_backtracks=self.max_backtracks)
         kw.update(options)
-        result = bvfim(self._params, self._hparams, inner, outer, **kw)
+        result = bvfim_hypergradient(self._params, self._hparams, inner, outer, **kw)
         if self.warm_start:
             self._z = result.z
         return self._finish(result, write_lower=self.warm_start)

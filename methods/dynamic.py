@@ -6,12 +6,15 @@ and the upper gradient is reverse-mode d/dx F(x, y_T(x)) through the steps, with
 
 - T-RAD (``truncate=K``): the first K steps are real steps without a graph, each at its own iterate;
   only the last T - K are differentiated. Nothing of the warm-up reaches x.
-- BDA (``alpha > 0``): aggregation weights a_t = alpha_schedule(t), by default alpha / (t + 1)
-  (decaying, Liu et al. ICML 2020); alpha = 0 is RAD exactly (F is not even evaluated).
+- BDA (``alpha > 0``): aggregation weights a_t = alpha_schedule(t) in [0, 1), by default alpha / (t + 1)
+  (decaying, Liu et al. ICML 2020); alpha = 0 is RAD exactly (F is not even evaluated, and a schedule
+  with alpha = 0 is an error rather than silently ignored).
 - PTT (``pessimistic``): k* = argmax_{1<=k<=T} F(x, y_k) and the gradient is d/dx F(x, y_{k*}).
 - IA (``init_aux``): y_0 = ``params`` is itself an upper variable; the gradient w.r.t. it is returned
   (and added to ``params[i].grad``).
-The step ``y - s d`` is the lower rule (plain gradient descent or torch.optim.SGD's rule).
+The step ``y - s d`` is the lower rule (plain gradient descent or torch.optim.SGD's rule). A lower loop
+that diverges (step too large) raises :class:`hypergrad.DivergenceError` instead of returning its
+gradient; the residual of the last step, ||y_T - y_{T-1}||, is reported as ``fp_residual``.
 """
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ from torch import Tensor
 from hypergrad import update_tensor_grads
 from hypergrad.tensor_list import assert_finite
 
-from ._lower import Loss, SGDRule, check_int, descend, grads_of, raise_if_nonfinite
+from ._lower import Loss, SGDRule, check_int, check_lower, descend, fp_residual, grads_of, raise_if_nonfinite, \
+    step_name
 from .base import BilevelSolver, Objective, Result
 
 
@@ -37,12 +41,22 @@ class DynamicResult(Result):
     init_grads: Optional[List[Tensor]] = None
 
 
-def check_options(steps: int, alpha: float, truncate: int, pessimistic: bool, init_aux: bool) -> None:
-    """Raise on invalid combinations (RAD|BDA via alpha, T-RAD|PTT exclusive)."""
+def check_options(steps: int, alpha: float, truncate: int, pessimistic: bool, init_aux: bool,
+                  alpha_schedule: Optional[Callable[[int], float]] = None) -> None:
+    """Raise on invalid combinations (RAD|BDA via alpha, T-RAD|PTT exclusive) and on a schedule that is
+    ignored (alpha = 0) or leaves [0, 1) at some step t < steps."""
     check_int(steps, "the number of lower steps (lower_loop)", 1)
     check_int(truncate, "truncate_iters", 0)
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0.0 <= alpha < 1.0:
         raise ValueError(f"alpha (BDA aggregation weight) must be in [0, 1), got {alpha!r}; alpha = 0 is RAD")
+    if alpha_schedule is not None:
+        if alpha == 0:
+            raise ValueError("alpha_schedule is given but alpha=0 selects RAD, which would ignore it; pass "
+                             "alpha > 0 to run BDA with the schedule, or drop alpha_schedule")
+        if not callable(alpha_schedule):
+            raise TypeError(f"alpha_schedule must be a callable of the step t, got {type(alpha_schedule).__name__}")
+        for t in range(steps):
+            schedule_value(alpha_schedule, t)
     if truncate >= steps:
         raise ValueError(f"truncate_iters={truncate} must be < lower_loop={steps}: at least one step must be "
                          "differentiated")
@@ -54,17 +68,28 @@ def check_options(steps: int, alpha: float, truncate: int, pessimistic: bool, in
                          "no gradient at all; use PTT (acquire_max_loss) or truncate_iters=0 with init_aux")
 
 
-def dynamic(params: Sequence[Tensor], hparams: Sequence[Tensor], inner_loss: Loss, outer_loss: Loss,
-            steps: int, lr: float = 0.1, *, rule: Optional[SGDRule] = None, alpha: float = 0.0,
-            alpha_schedule: Optional[Callable[[int], float]] = None, truncate: int = 0,
-            pessimistic: bool = False, init_aux: bool = False, set_grad: bool = True) -> DynamicResult:
+def schedule_value(schedule: Callable[[int], float], t: int) -> float:
+    """a_t = schedule(t), checked to lie in [0, 1) (a_t = 1 would descend F alone)."""
+    a = schedule(t)
+    a = float(a) if isinstance(a, (int, float, Tensor)) and not isinstance(a, bool) else a
+    if not isinstance(a, float) or not 0.0 <= a < 1.0:
+        raise ValueError(f"alpha_schedule({t}) = {a!r}: the BDA aggregation weight a_t must be in [0, 1) at every "
+                         "lower step")
+    return a
+
+
+def dynamic_hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], inner_loss: Loss,
+                          outer_loss: Loss, steps: int, lr: float = 0.1, *, rule: Optional[SGDRule] = None,
+                          alpha: float = 0.0, alpha_schedule: Optional[Callable[[int], float]] = None,
+                          truncate: int = 0, pessimistic: bool = False, init_aux: bool = False,
+                          set_grad: bool = True) -> DynamicResult:
     """Upper gradient by reverse mode through ``steps`` lower steps (see the module docstring).
 
     ``params`` is y_0 (never modified); ``rule`` overrides plain gradient descent with step ``lr``.
     With ``set_grad`` the gradients are added to ``hparam.grad`` (and, with ``init_aux``, to
     ``params[i].grad``).
     """
-    check_options(steps, alpha, truncate, pessimistic, init_aux)
+    check_options(steps, alpha, truncate, pessimistic, init_aux, alpha_schedule)
     hparams, params = list(hparams), list(params)
     if init_aux and not all(p.requires_grad for p in params):
         raise ValueError("init_aux: y_0 (params) is an upper variable and needs requires_grad=True")
@@ -74,20 +99,19 @@ def dynamic(params: Sequence[Tensor], hparams: Sequence[Tensor], inner_loss: Los
 
     def grad_fn(y, t, create_graph):
         f = inner_loss(y, hparams)
-        lower_losses.append(f.detach())
-        a = float(schedule(t)) if alpha > 0 else 0.0
+        a = schedule_value(schedule, t) if alpha > 0 else 0.0
         if a != 0.0:
             f = (1.0 - a) * f + a * outer_loss(y, hparams)
+        lower_losses.append(f.detach())  # the loss the step descends
         return grads_of(f, y, create_graph=create_graph)
 
     y0 = params if init_aux else [p.detach() for p in params]
-    y, state, norms = descend(y0, grad_fn, rule, range(truncate), track=False)
+    y, state, norms, _ = descend(y0, grad_fn, rule, range(truncate), track=False)
     iterates: List[List[Tensor]] = []
-    y, state, norms2 = descend(y, grad_fn, rule, range(truncate, steps), state, track=True,
-                               on_iterate=(lambda yk, t: iterates.append(yk)) if pessimistic else None)
+    y, state, norms2, prev = descend(y, grad_fn, rule, range(truncate, steps), state, track=True,
+                                     on_iterate=(lambda yk, t: iterates.append(yk)) if pessimistic else None)
     norms += norms2
-    raise_if_nonfinite(lower_losses, "the lower loss", "lower step")
-    raise_if_nonfinite(norms, "the lower gradient", "lower step")
+    check_lower(lower_losses, norms, step_name("lr (or ll_opt's lr)", rule))
 
     k_star = steps
     if pessimistic:
@@ -108,7 +132,8 @@ def dynamic(params: Sequence[Tensor], hparams: Sequence[Tensor], inner_loss: Los
         update_tensor_grads(hparams, grads)
         if init_aux:
             update_tensor_grads(params, init_grads)
-    return DynamicResult(grads, [w.detach() for w in y], loss.detach(), float(norms[-1]), k_star,
+    res, rel = fp_residual(prev, y)
+    return DynamicResult(grads, [w.detach() for w in y], loss.detach(), float(norms[-1]), res, rel, k_star,
                          steps - truncate, init_grads)
 
 
@@ -135,19 +160,20 @@ class Dynamic(BilevelSolver):
                              "variable, and must not be overwritten by y_T")
         super().__init__(ul_objective, ul_model, ll_objective, ll_model, ll_opt=ll_opt, lower_loop=lower_loop,
                          lr=lr, warm_start=not init_aux if warm_start is None else warm_start)
-        check_options(lower_loop, alpha, truncate_iters, acquire_max_loss, init_aux)
+        check_options(lower_loop, alpha, truncate_iters, acquire_max_loss, init_aux, alpha_schedule)
         self.alpha, self.truncate_iters = float(alpha), truncate_iters
         self.acquire_max_loss, self.init_aux = bool(acquire_max_loss), bool(init_aux)
         self.alpha_schedule = alpha_schedule
 
     def compute_gradients(self, ul_data, ul_target, ll_data, ll_target, **options) -> Tensor:
         """One outer step: lower dynamics from the lower model's parameters, then the upper gradient.
-        ``options`` override ``lower_loop``/``alpha``/``truncate``/... of :func:`dynamic` for this call."""
+        ``options`` override ``lower_loop``/``alpha``/``truncate``/... of :func:`dynamic_hypergradient`
+        for this call."""
         inner, outer = self.losses(ul_data, ul_target, ll_data, ll_target)
         kw = dict(rule=self.rule, alpha=self.alpha, alpha_schedule=self.alpha_schedule,
                   truncate=self.truncate_iters, pessimistic=self.acquire_max_loss, init_aux=self.init_aux)
         kw.update(options)
         steps = kw.pop("steps", self.lower_loop)
         params = self._params if self.init_aux else [p.detach() for p in self._params]
-        result = dynamic(params, self._hparams, inner, outer, steps, **kw)
+        result = dynamic_hypergradient(params, self._hparams, inner, outer, steps, **kw)
         return self._finish(result, write_lower=self.warm_start)

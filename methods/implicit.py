@@ -6,6 +6,12 @@ T lower steps (no graph) give y_T; then, at the *detached* y_T and with Phi(y, x
 
 i.e. grad_x F - grad2_xy f [grad2_yy f]^{-1} grad_y F, solved by ``hypergrad.hypergradient``. Detaching
 y_T first means that a lower iterate coming from a tracked trajectory is not differentiated twice.
+
+The formula is exact only at a fixed point y* = Phi(y*); with few lower steps it is approximate. The result
+reports the inner residual ``fp_residual`` = ||Phi(y_T) - y_T|| (and ``fp_residual_rel``), which bounds how
+far y_T is from y*: ||y_T - y*|| <= ||Phi(y_T) - y_T|| / (1 - rho) when Phi contracts with factor rho
+(rho = max |1 - lr lambda_i| over the Hessian's eigenvalues). A diverging lower loop raises
+:class:`hypergrad.DivergenceError`.
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ from torch import Tensor
 
 import hypergrad
 
-from ._lower import Loss, SGDRule, _check_lr, check_int, descend, grads_of, raise_if_nonfinite
+from ._lower import Loss, SGDRule, _check_lr, check_int, check_lower, descend, grads_of, step_name
 from .base import BilevelSolver, Objective, Result
 
 
@@ -32,15 +38,19 @@ class ImplicitResult(Result):
     v: List[Tensor]
 
 
-def implicit(params: Sequence[Tensor], hparams: Sequence[Tensor], inner_loss: Loss, outer_loss: Loss,
-             steps: int, lr: float, *, solver: str = "cg", K: int = 10, tol: float = 1e-10,
-             rule: Optional[SGDRule] = None, v0: Optional[Sequence[Tensor]] = None, set_grad: bool = True,
-             **solver_options) -> ImplicitResult:
+def implicit_hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], inner_loss: Loss,
+                           outer_loss: Loss, steps: int, lr: float, *, solver: str = "cg", K: int = 10,
+                           tol: float = 1e-10, rule: Optional[SGDRule] = None,
+                           v0: Optional[Sequence[Tensor]] = None, set_grad: bool = True,
+                           fixed_point_tol: Optional[float] = None, **solver_options) -> ImplicitResult:
     """``steps`` lower steps from ``params`` (detached; 0 steps: ``params`` is already y*), then the
     implicit hypergradient at y_T with Phi = y - lr grad_y f, at most ``K`` solver iterations.
 
     ``rule`` (e.g. SGD with momentum) drives the lower steps only; Phi is always plain gradient descent
     with step ``lr`` (its fixed points are the stationary points of f; ``lr`` cancels for an exact solve).
+    ``fp_residual`` = ||Phi(y_T) - y_T|| = lr ||grad_y f(x, y_T)|| (the core's) says how approximate the
+    result is; ``fixed_point_tol`` is the core's (None: warn when far from a fixed point; a float: raise
+    :class:`hypergrad.NotAFixedPointError` above that relative residual; ``math.inf``: accept).
     """
     check_int(steps, "the number of lower steps (lower_loop)", 0)
     check_int(K, "k (solver iterations)", 0)
@@ -54,15 +64,15 @@ def implicit(params: Sequence[Tensor], hparams: Sequence[Tensor], inner_loss: Lo
         losses.append(f.detach())
         return grads_of(f, y, create_graph=create_graph)
 
-    y, _, norms = descend(params, grad_fn, rule, range(steps), track=False)
-    raise_if_nonfinite(losses, "the lower loss", "lower step")
-    raise_if_nonfinite(norms, "the lower gradient", "lower step")
+    y, _, norms, _ = descend(params, grad_fn, rule, range(steps), track=False)
+    check_lower(losses, norms, step_name("ll_learning_rate (or ll_opt's lr)", rule))
     y = [w.detach() for w in y]
     res = hypergradient_at(y, hparams, inner_loss, outer_loss, lr, solver=solver, K=K, tol=tol, v0=v0,
-                           set_grad=set_grad, **solver_options)
+                           set_grad=set_grad, fixed_point_tol=fixed_point_tol, **solver_options)
     with torch.no_grad():
         upper = outer_loss(y, hparams).detach()
     return ImplicitResult(res.grads, y, upper, float(norms[-1]) if norms else float("nan"),
+                          res.fp_residual, res.fp_residual_rel,
                           res.iterations, res.residual, res.converged, res.solver, res.v)
 
 
@@ -78,16 +88,22 @@ class Implicit(BilevelSolver):
     """Implicit gradients by CG or the Neumann series (reference: ``Implicit``).
 
     ``Implicit(ul_objective, ul_model, ll_objective, ll_model, ll_learning_rate, k, tolerance=1e-10, *,
-    lower_loop=10, solver="cg", ll_opt=None, warm_start=True, warm_start_adjoint=False)``:
+    lower_loop=10, solver="cg", ll_opt=None, warm_start=True, warm_start_adjoint=False,
+    fixed_point_tol=None)``:
     ``lower_loop`` lower steps (``ll_opt``'s SGD rule, else gradient descent with ``ll_learning_rate``),
     then at most ``k`` iterations of ``solver`` (any of the core's: "cg", "neumann", "fixed_point",
     "minres", "gmres", "dense", "cg_normaleq") until the residual is below ``tolerance``.
+
+    Approximate with few lower steps: the implicit formula is evaluated at y_T, not at y*;
+    ``diagnostics["fp_residual"]`` = ||Phi(y_T) - y_T|| bounds the distance, ||y_T - y*|| <= fp_residual /
+    (1 - rho) for a contraction Phi with factor rho. ``fixed_point_tol`` (the core's: None warns when the
+    relative residual is large, a float raises above it, ``math.inf`` accepts) applies to every call.
     """
 
     def __init__(self, ul_objective: Objective, ul_model, ll_objective: Objective, ll_model,
                  ll_learning_rate: float, k: int, tolerance: float = 1e-10, *, lower_loop: int = 10,
                  solver: str = "cg", ll_opt: Optional[torch.optim.Optimizer] = None, warm_start: bool = True,
-                 warm_start_adjoint: bool = False):
+                 warm_start_adjoint: bool = False, fixed_point_tol: Optional[float] = None):
         _check_lr(ll_learning_rate, "ll_learning_rate")
         super().__init__(ul_objective, ul_model, ll_objective, ll_model, ll_opt=ll_opt, lower_loop=lower_loop,
                          lr=ll_learning_rate if ll_opt is None else None, warm_start=warm_start)
@@ -98,14 +114,18 @@ class Implicit(BilevelSolver):
         self.ll_learning_rate, self.k = float(ll_learning_rate), check_int(k, "k", 0)
         self.tolerance, self.solver = float(tolerance), solver
         self.warm_start_adjoint = bool(warm_start_adjoint)
+        self.fixed_point_tol = fixed_point_tol
 
     def compute_gradients(self, ul_data, ul_target, ll_data, ll_target, **options) -> Tensor:
-        """One outer step; ``options`` override ``steps``/``solver``/``K``/``tol`` of :func:`implicit`."""
+        """One outer step; ``options`` override ``steps``/``solver``/``K``/``tol`` of
+        :func:`implicit_hypergradient`."""
         inner, outer = self.losses(ul_data, ul_target, ll_data, ll_target)
-        kw = dict(solver=self.solver, K=self.k, tol=self.tolerance, rule=self.rule)
+        kw = dict(solver=self.solver, K=self.k, tol=self.tolerance, rule=self.rule,
+                  fixed_point_tol=self.fixed_point_tol)
         if self.warm_start_adjoint and self.last is not None:
             kw["v0"] = self.last.v
         kw.update(options)
         steps = kw.pop("steps", self.lower_loop)
-        result = implicit(self._params, self._hparams, inner, outer, steps, self.ll_learning_rate, **kw)
+        result = implicit_hypergradient(self._params, self._hparams, inner, outer, steps, self.ll_learning_rate,
+                                        **kw)
         return self._finish(result, write_lower=self.warm_start)

@@ -20,7 +20,7 @@ def test_converges_in_k_to_closed_form_at_the_lower_iterate(solver, ks, final_to
     x = p["x0"].clone().requires_grad_(True)
     errs = []
     for k in ks:
-        r = methods.implicit([p["y0"]], [x], f, F, 7, 0.2, solver=solver, K=k, set_grad=False)
+        r = methods.implicit_hypergradient([p["y0"]], [x], f, F, 7, 0.2, solver=solver, K=k, set_grad=False)
         ref = p["implicit_grad"](p["x0"], r.params[0])  # at y_7, which is not y*
         errs.append(rel_err(r.grads[0], ref))
     assert rel_err(r.params[0], p["y_star"](p["x0"])) > 1e-3  # the lower iterate is far from y*
@@ -57,7 +57,7 @@ def test_no_double_counting_when_the_iterate_came_from_a_tracked_trajectory():
         (g,) = torch.autograd.grad(p["f"](x, y), y, create_graph=True)
         y = y - 0.2 * g
     assert y.grad_fn is not None
-    r = methods.implicit([y], [x], f, F, 0, 0.2, K=20, set_grad=True)
+    r = methods.implicit_hypergradient([y], [x], f, F, 0, 0.2, K=20, set_grad=True)
     ref = p["implicit_grad"](p["x0"], y.detach())
     assert rel_err(r.grads[0], ref) <= 1e-12
     assert rel_err(x.grad, ref) <= 1e-12
@@ -84,8 +84,8 @@ def test_mlp_minres_matches_dense_solve_of_the_hessian_system():
     """30 lower steps on a non-convex net: an indefinite but nonsingular Hessian, so MINRES."""
     m = mlp_problem()
     x = m["x0"].clone().requires_grad_(True)
-    r = methods.implicit(m["y0"], [x], lambda y, h: m["f"](h[0], y), lambda y, h: m["F"](h[0], y), 30, 0.5,
-                         solver="minres", K=400, tol=1e-13, set_grad=False)
+    r = methods.implicit_hypergradient(m["y0"], [x], lambda y, h: m["f"](h[0], y), lambda y, h: m["F"](h[0], y),
+                                       30, 0.5, solver="minres", K=400, tol=1e-13, set_grad=False)
     # reference: grad_x F - (d2f/dx dy) H^-1 grad_y F with dense Hessians by torch.autograd.functional
     shapes = [w.shape for w in r.params]
     sizes = [w.numel() for w in r.params]
