@@ -1,3 +1,3 @@
-"""Alias module: older hypertorch code imports the inner optimizers from ``hypergrad.diff_optimizers``."""
-from .inner_optimizers import *  # noqa: F401,F403
-from .inner_optimizers import DifferentiableOptimizer, GradientDescent, HeavyBall, Momentum  # noqa: F401
+"""hypertorch's module path for the inner optimizers and their step functions (see :mod:`.inner_optimizers`)."""
+from .inner_optimizers import (DifferentiableOptimizer, GradientDescent, HeavyBall, Momentum,  # noqa: F401
+                               gd_step, heavy_ball_step, torch_momentum_step)

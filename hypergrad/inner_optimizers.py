@@ -1,8 +1,13 @@
 """Differentiable inner optimizers, usable as fixed-point maps ``opt(params, hparams) -> params``.
 
-Same classes and signatures as hypertorch: ``loss_f(params, hparams[, data])``; ``step_size`` (and
-``momentum``) may be a float or a callable of hparams. HeavyBall and Momentum carry an auxiliary state,
-so their params list is ``[*params, *aux]`` (use :meth:`get_opt_params` to build it).
+Same classes, step functions and signatures as hypertorch's ``hypergrad.diff_optimizers``:
+``loss_f(params, hparams[, data])``; ``step_size`` (and ``momentum``) may be a float or a callable of
+hparams. HeavyBall and Momentum carry an auxiliary state, so their params list is ``[*params, *aux]``
+(use :meth:`get_opt_params` to build it).
+
+Each step computes exactly hypertorch's floating-point operations in hypertorch's order
+(``w - step_size * g``, ...), so unrolled trajectories and their hypergradients are bitwise hypertorch's.
+The one extension: a parameter the loss does not use keeps its value (zero gradient) instead of raising.
 """
 from __future__ import annotations
 
@@ -13,30 +18,41 @@ import torch
 from torch import Tensor
 
 
+def _has_data(data_or_iter) -> bool:
+    """hypertorch's ``if data_or_iter:`` (so ``None``, ``()``, ``[]`` mean no data), except that a tensor
+    or array, whose truth value hypertorch cannot take, is data."""
+    if data_or_iter is None or isinstance(data_or_iter, Tensor):
+        return data_or_iter is not None
+    try:
+        return bool(data_or_iter)
+    except (ValueError, RuntimeError):  # numpy arrays and the like: ambiguous truth value
+        return True
+
+
 class DifferentiableOptimizer:
     """Base class: ``__call__(params, hparams, create_graph=True)`` performs one differentiable step."""
 
-    def __init__(self, loss_f, dim_mult: int, data_or_iter=None):
+    def __init__(self, loss_f, dim_mult, data_or_iter=None):
+        self.data_iterator = None
+        if _has_data(data_or_iter):
+            self.data_iterator = data_or_iter if hasattr(data_or_iter, "__next__") else repeat(data_or_iter)
         self.loss_f = loss_f
         self.dim_mult = dim_mult
         self.curr_loss = None
-        self.data_iterator = None
-        if data_or_iter is not None:
-            self.data_iterator = data_or_iter if hasattr(data_or_iter, "__next__") else repeat(data_or_iter)
 
-    def get_opt_params(self, params: List[Tensor]) -> List[Tensor]:
-        """params followed by zero auxiliary states (for the momentum methods)."""
-        return list(params) + [torch.zeros_like(p) for _ in range(self.dim_mult - 1) for p in params]
+    def get_opt_params(self, params):
+        """params followed by zero auxiliary states, ``dim_mult - 1`` per parameter (hypertorch's order)."""
+        return list(params) + [torch.zeros_like(p) for p in params for _ in range(self.dim_mult - 1)]
 
     def step(self, params, hparams, create_graph):
         raise NotImplementedError
 
-    def __call__(self, params, hparams, create_graph: bool = True) -> List[Tensor]:
+    def __call__(self, params, hparams, create_graph=True) -> List[Tensor]:
         if len(params) % self.dim_mult != 0:
             raise ValueError(f"{type(self).__name__} expects {self.dim_mult} tensors per parameter "
                              f"(params + auxiliary state, see get_opt_params); got {len(params)}")
         with torch.enable_grad():
-            return self.step(list(params), hparams, create_graph)
+            return self.step(params, hparams, create_graph)
 
     def get_loss(self, params, hparams) -> Tensor:
         if self.data_iterator is not None:
@@ -44,10 +60,6 @@ class DifferentiableOptimizer:
         else:
             self.curr_loss = self.loss_f(params, hparams)
         return self.curr_loss
-
-    def _grads(self, params, hparams, create_graph):
-        return torch.autograd.grad(self.get_loss(params, hparams), params, create_graph=create_graph,
-                                   allow_unused=True)
 
 
 def _as_fn(value):
@@ -62,11 +74,9 @@ class GradientDescent(DifferentiableOptimizer):
         self.step_size_f = _as_fn(step_size)
 
     def step(self, params, hparams, create_graph):
+        loss = self.get_loss(params, hparams)
         sz = self.step_size_f(hparams)
-        grads = self._grads(params, hparams, create_graph)
-        if isinstance(sz, (int, float)):  # one graph node per step instead of two (cheaper VJPs)
-            return [w if g is None else torch.add(w, g, alpha=-sz) for w, g in zip(params, grads)]
-        return [w if g is None else w - sz * g for w, g in zip(params, grads)]
+        return gd_step(params, loss, sz, create_graph=create_graph)
 
 
 class HeavyBall(DifferentiableOptimizer):
@@ -78,11 +88,11 @@ class HeavyBall(DifferentiableOptimizer):
 
     def step(self, params, hparams, create_graph):
         n = len(params) // 2
-        p, prev = params[:n], params[n:]
+        p, p_aux = params[:n], params[n:]
+        loss = self.get_loss(p, hparams)
         sz, mu = self.step_size_f(hparams), self.momentum_f(hparams)
-        grads = self._grads(p, hparams, create_graph)
-        new = [w - (0 if g is None else sz * g) + mu * (w - v) for w, v, g in zip(p, prev, grads)]
-        return new + p
+        p_new, p_new_aux = heavy_ball_step(p, p_aux, loss, sz, mu, create_graph=create_graph)
+        return [*p_new, *p_new_aux]
 
 
 class Momentum(DifferentiableOptimizer):
@@ -94,8 +104,31 @@ class Momentum(DifferentiableOptimizer):
 
     def step(self, params, hparams, create_graph):
         n = len(params) // 2
-        p, buf = params[:n], params[n:]
+        p, p_aux = params[:n], params[n:]
+        loss = self.get_loss(p, hparams)
         sz, mu = self.step_size_f(hparams), self.momentum_f(hparams)
-        grads = self._grads(p, hparams, create_graph)
-        new_buf = [mu * b + (0 if g is None else g) for b, g in zip(buf, grads)]
-        return [w - sz * b for w, b in zip(p, new_buf)] + new_buf
+        p_new, p_new_aux = torch_momentum_step(p, p_aux, loss, sz, mu, create_graph=create_graph)
+        return [*p_new, *p_new_aux]
+
+
+def _grads(loss, params, create_graph):
+    return torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
+
+
+def gd_step(params, loss, step_size, create_graph=True):
+    """[w - step_size * g]: one gradient step on ``loss`` (hypertorch's function)."""
+    return [w if g is None else w - step_size * g for w, g in zip(params, _grads(loss, params, create_graph))]
+
+
+def heavy_ball_step(params, aux_params, loss, step_size, momentum, create_graph=True):
+    """([w - step_size * g + momentum * (w - v)], params) with v the previous iterate (hypertorch's)."""
+    grads = _grads(loss, params, create_graph)
+    return [(w if g is None else w - step_size * g) + momentum * (w - v)
+            for g, w, v in zip(grads, params, aux_params)], params
+
+
+def torch_momentum_step(params, aux_params, loss, step_size, momentum, create_graph=True):
+    """torch.optim.SGD's momentum step: v <- momentum * v + g, w <- w - step_size * v (hypertorch's)."""
+    grads = _grads(loss, params, create_graph)
+    new_aux = [momentum * v if g is None else momentum * v + g for v, g in zip(aux_params, grads)]
+    return [w - step_size * nv for w, nv in zip(params, new_aux)], new_aux
