@@ -15,7 +15,10 @@ from .functional import functional, load_params, module_params, param_dict
 from .hypergradients import (CG, CG_normaleq, HypergradResult, cg, cg_normaleq, exact, fixed_point, gmres,
                              get_outer_gradients, grad_unused_zero, cat_list_to_tensor, update_tensor_grads,
                              hypergradient, minres, neumann, reverse, reverse_unroll, stoch_AID)
-from .inner_optimizers import DifferentiableOptimizer, GradientDescent, HeavyBall, Momentum
+from .inner_optimizers import (DifferentiableOptimizer, GradientDescent, HeavyBall, Momentum, gd_step,
+                               heavy_ball_step, torch_momentum_step)
+from ._hypertorch_helpers import grd, jvp, list_dot
+from . import CG_torch, diff_optimizers, hypergradients, inner_optimizers, linear_solvers
 from .linear_solvers import SOLVERS, SolveInfo, default_rtol
 
 __version__ = "0.1.0"
@@ -28,6 +31,7 @@ __all__ = [
     "reverse_checkpointed", "checkpointed_hypergradient", "CheckpointedResult", "checkpoint_steps",
     "NondeterministicMapError",
     "DifferentiableOptimizer", "GradientDescent", "HeavyBall", "Momentum",
+    "gd_step", "heavy_ball_step", "torch_momentum_step", "grd", "jvp", "list_dot", "CG_torch",
     "module_params", "param_dict", "functional", "load_params",
     "update_tensor_grads", "get_outer_gradients", "grad_unused_zero", "cat_list_to_tensor",
     "HypergradError", "NonFiniteError", "DivergenceError", "BreakdownError", "SingularSystemError",
