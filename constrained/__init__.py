@@ -7,9 +7,10 @@ y*(x) given a primal-dual solution (from :func:`solve_cvxpy`, a :class:`DualLaye
 Built on :mod:`hypergrad`'s linear solvers (dense / MINRES for the symmetric indefinite KKT matrix).
 """
 from .batch import BatchResult, batch_hypergradient
-from .cvxpy_bridge import CvxpySolution, DualLayer, LayerSolution, solve_cvxpy, split_constraints
-from .errors import (ConstrainedError, DegenerateConstraintError, DegenerateConstraintWarning, InnerSolveError,
-                     KKTError, LICQWarning, ModelMismatchError, NotConvergedWarning)
+from .cvxpy_bridge import CvxpySolution, DualLayer, LayerSolution, check_model, solve_cvxpy, split_constraints
+from .errors import (ConstrainedError, CvxpyProblemError, DegenerateConstraintError, DegenerateConstraintWarning,
+                     InaccurateSolveError, InnerSolveError, KKTError, LICQWarning, ModelMismatchError,
+                     NotConvergedWarning)
 from .hypergradients import ConstrainedResult, hypergradient
 from .kkt import KKTMap, KKTReport, analyze, kkt_map
 from .problem import ConstrainedProblem
@@ -17,6 +18,6 @@ from .problem import ConstrainedProblem
 __all__ = [
     "ConstrainedProblem", "kkt_map", "analyze", "KKTMap", "KKTReport", "hypergradient", "ConstrainedResult",
     "batch_hypergradient", "BatchResult", "solve_cvxpy", "CvxpySolution", "DualLayer", "LayerSolution",
-    "split_constraints", "ConstrainedError", "InnerSolveError", "KKTError", "DegenerateConstraintError",
+    "split_constraints", "check_model", "ConstrainedError", "CvxpyProblemError", "InaccurateSolveError", "InnerSolveError", "KKTError", "DegenerateConstraintError",
     "ModelMismatchError", "DegenerateConstraintWarning", "LICQWarning", "NotConvergedWarning",
 ]

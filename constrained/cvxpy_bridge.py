@@ -16,13 +16,33 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import InnerSolveError, KKTError, ModelMismatchError
+from .errors import CvxpyProblemError, InaccurateSolveError, InnerSolveError, KKTError, ModelMismatchError
 from .kkt import KKTReport, analyze
+from .model_check import check_derivatives as check_derivatives_fn
 from .problem import ConstrainedProblem
 
 INEQ_TYPES = (cp.constraints.Inequality, cp.constraints.NonPos)
 EQ_TYPES = (cp.constraints.Equality, cp.constraints.Zero)
 DEFAULT_LAYER_ARGS: Dict[str, Any] = {"solve_method": "SCS", "eps": 1e-10, "max_iters": 200_000}
+CVXPY_ERRORS = (cp.error.DCPError, cp.error.DGPError, cp.error.DPPError, cp.error.DQCPError, cp.error.ParameterError)
+TIGHTER = ("tighten the solver's tolerances, e.g. solver='CLARABEL' with tol_gap_abs=tol_gap_rel=tol_feas=1e-10, "
+           "'OSQP' or 'SCS' with eps_abs=eps_rel=1e-10 (and max_iter(s) raised)")
+
+
+def _describe(problem: cp.Problem) -> str:
+    text = " ".join(str(problem).split())
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _cvxpy_error(e: Exception, problem: cp.Problem, doing: str) -> CvxpyProblemError:
+    """A cvxpy DCPError/DPPError/ParameterError/... as a library error naming the problem and the fix."""
+    hint = {"DCPError": "write it by the DCP rules (problem.is_dcp() must be True; minimize a convex objective)",
+            "DPPError": "parameters must enter by the DPP rules (problem.is_dpp()): e.g. multiply a parameter only "
+                        "by parameter-free expressions",
+            "ParameterError": "give every cvxpy parameter a value (list it in parameters)"}.get(
+        type(e).__name__, "check the problem's definition")
+    return CvxpyProblemError(f"cvxpy refused the problem while {doing} ({type(e).__name__}: {' '.join(str(e).split())}); problem: "
+                             f"{_describe(problem)}; {hint}")
 
 
 @dataclass
@@ -82,19 +102,28 @@ def _set_parameters(parameters: Sequence[cp.Parameter], values: Sequence[Tensor]
         if tuple(val.shape) != tuple(par.shape):
             raise ValueError(f"values[{i}] has shape {tuple(val.shape)} but parameter {par.name()} has shape "
                              f"{tuple(par.shape)}")
-        par.value = val.detach().cpu().double().numpy()
+        try:
+            par.value = val.detach().cpu().double().numpy()
+        except ValueError as e:  # a value outside the parameter's declared set (nonneg=True, ...)
+            raise CvxpyProblemError(f"values[{i}] cannot be the value of cvxpy parameter {par.name()}: {e} "
+                                    "(pass a value in its declared set, or drop the attribute)") from e
 
 
 def solve_cvxpy(problem: cp.Problem, parameters: Sequence[cp.Parameter], values: Sequence[Tensor],
                 variables: Sequence[cp.Variable], *, ineq=None, eq=None,
                 torch_problem: Optional[ConstrainedProblem] = None, hparams: Optional[Sequence[Tensor]] = None,
-                check_tol: float = 1e-5, solver: Optional[str] = "CLARABEL", **solve_kwargs) -> CvxpySolution:
+                check_tol: float = 1e-5, check_derivatives: bool = True, solver: Optional[str] = "CLARABEL",
+                **solve_kwargs) -> CvxpySolution:
     """Solve ``problem`` with ``parameters`` set to ``values``; return the primal solution and the duals.
 
     Raises :class:`InnerSolveError` (with ``.status``) unless cvxpy reports an optimal solution.
-    With ``torch_problem``, checks it against the cvxpy solution at ``hparams`` (default: ``values``):
-    its ``ineq``/``eq`` must equal the cvxpy constraints' ``expr`` values, and (y, mu, nu) must be a KKT
-    point of it to relative tolerance ``check_tol``; a disagreement raises :class:`ModelMismatchError`.
+    With ``torch_problem``, checks it against the cvxpy problem at the solution and ``hparams`` (default:
+    ``values``; otherwise ``values`` should be computed from ``hparams`` with autograd): its ``ineq``/``eq``
+    must equal the cvxpy constraints' ``expr`` values, and (``check_derivatives``) its autograd derivatives
+    in y and x must match central differences of the cvxpy expressions (see :mod:`constrained.model_check`),
+    else :class:`ModelMismatchError`. Then (y, mu, nu) must be a KKT point of it to relative tolerance
+    ``check_tol``, else :class:`InaccurateSolveError` (the models agree: the solve is inaccurate).
+    cvxpy's own refusals (DCPError, DPPError, ...) raise :class:`CvxpyProblemError`.
     """
     ineq, eq = split_constraints(problem, ineq, eq)
     _set_parameters(parameters, values)
@@ -105,6 +134,8 @@ def solve_cvxpy(problem: cp.Problem, parameters: Sequence[cp.Parameter], values:
         problem.solve(solver=solver, **solve_kwargs)
     except cp.error.SolverError as e:
         raise InnerSolveError(f"cvxpy's solver failed: {e}", "solver_error") from e
+    except CVXPY_ERRORS as e:
+        raise _cvxpy_error(e, problem, "solving it") from e
     status = problem.status
     if status not in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE):
         raise InnerSolveError(f"the inner problem has status {status!r} (no solution to differentiate)", status)
@@ -117,16 +148,13 @@ def solve_cvxpy(problem: cp.Problem, parameters: Sequence[cp.Parameter], values:
     nu = _flat([c.dual_value for c in eq], dtype, device)
     report = None
     if torch_problem is not None:
-        p_cvx = _flat([c.expr.value for c in ineq], dtype, device)
-        q_cvx = _flat([c.expr.value for c in eq], dtype, device)
-        report = check_against_cvxpy(torch_problem, params, list(values if hparams is None else hparams),
-                                     mu, nu, p_cvx, q_cvx, check_tol)
+        report = check_model(torch_problem, problem, parameters, values, variables, params, mu, nu, ineq=ineq, eq=eq,
+                             hparams=hparams, tol=check_tol, derivatives=check_derivatives)
     return CvxpySolution(params, mu, nu, status, float(problem.value), report)
 
 
-def check_against_cvxpy(torch_problem: ConstrainedProblem, params, hparams, mu, nu, p_cvx, q_cvx,
-                        tol: float) -> KKTReport:
-    """The torch constraints must equal cvxpy's ``expr`` values and (params, mu, nu) must be its KKT point."""
+def check_values(torch_problem: ConstrainedProblem, params, hparams, p_cvx, q_cvx, tol: float) -> None:
+    """The torch constraints must equal cvxpy's ``expr`` values at the solution."""
     with torch.no_grad():
         x = [h.detach() for h in hparams]
         for name, fn, cvx in (("ineq", torch_problem.p, p_cvx), ("eq", torch_problem.q, q_cvx)):
@@ -143,13 +171,53 @@ def check_against_cvxpy(torch_problem: ConstrainedProblem, params, hparams, mu, 
                         f"torch {name}[{i}] = {float(mine[i]):.6g} but the cvxpy constraint's expr = "
                         f"{float(cvx[i]):.6g} at the cvxpy solution: check the sign (p <= 0), the order of "
                         "the constraints and their C-order flattening")
+
+
+def check_model(torch_problem: ConstrainedProblem, problem: cp.Problem, parameters, values, variables, params,
+                mu=None, nu=None, *, ineq=None, eq=None, hparams=None, tol: float = 1e-5,
+                derivatives: bool = True) -> KKTReport:
+    """Check ``torch_problem`` against the cvxpy ``problem`` at the primal-dual point (params, mu, nu) and the
+    parameter ``values`` (torch side: ``hparams``, default ``values``): constraint values, derivatives in y
+    and x (:mod:`constrained.model_check`), then the KKT conditions. A disagreement of the models raises
+    :class:`ModelMismatchError`; a KKT failure of agreeing models :class:`InaccurateSolveError`."""
+    ineq, eq = split_constraints(problem, ineq, eq)
+    _set_parameters(parameters, values)
+    for var, t in zip(variables, params):
+        var.value = t.detach().cpu().double().numpy().reshape(var.shape)
+    dtype, device = params[0].dtype, params[0].device
+    p_cvx = _flat([c.expr.value for c in ineq], dtype, device)
+    q_cvx = _flat([c.expr.value for c in eq], dtype, device)
+    x = list(values if hparams is None else hparams)
+    check_values(torch_problem, params, x, p_cvx, q_cvx, tol)
+    identity = hparams is None or (len(values) == len(hparams) and all(a is b for a, b in zip(values, hparams)))
+
+    def compare():
+        if derivatives:
+            check_derivatives_fn(torch_problem, problem, parameters, values, variables, ineq, eq, params, x, tol,
+                                 identity=identity)
+
     try:
-        report, _, _ = analyze(torch_problem, params, hparams, mu, nu, kkt_tol=tol, warn=False)
+        report, _, _ = analyze(torch_problem, params, x, mu, nu, kkt_tol=tol, warn=False)
     except KKTError as e:
-        raise ModelMismatchError(f"the cvxpy solution is not a KKT point of the torch problem ({e}); the "
-                                 "objectives disagree, or the cvxpy solve is inaccurate (tighten its tolerances)"
-                                 ) from e
+        try:
+            compare()
+        except ModelMismatchError as mismatch:
+            raise ModelMismatchError(f"the cvxpy solution is not a KKT point of the torch problem ({e}), and the "
+                                     f"models disagree: {mismatch}") from e
+        raise _inaccurate(e, problem, tol, derivatives) from e
+    compare()
     return report
+
+
+def _inaccurate(e: KKTError, problem: cp.Problem, tol: float, compared: bool) -> InaccurateSolveError:
+    stats = getattr(problem, "solver_stats", None)
+    solver = getattr(stats, "solver_name", None) or "the solver"
+    measured = ", ".join(f"{k} {v:.2e}" for k, v in e.residuals.items())
+    agree = "in values and derivatives" if compared else "in values (derivatives not compared)"
+    return InaccurateSolveError(
+        f"{solver}'s solution (status {problem.status!r}) is not a KKT point of the model to check_tol={tol:g}: "
+        f"{e}. The torch model matches the cvxpy model {agree}, so the solve is inaccurate (measured KKT "
+        f"residuals: {measured}): {TIGHTER}, or loosen check_tol", problem.status, e.residuals)
 
 
 @dataclass
@@ -164,17 +232,29 @@ class LayerSolution:
 class DualLayer:
     """A ``CvxpyLayer`` returning the primal variables and the duals of ``ineq``/``eq`` (cvxpylayers >= 1.2
     returns a constraint's dual when given ``constraint.dual_variables[0]``). Solver arguments default to
-    SCS at eps = 1e-10."""
+    SCS at eps = 1e-10. With ``torch_problem`` (whose hparams are the layer's parameter values), every
+    solution (each batch element) is checked against the cvxpy model like :func:`solve_cvxpy` does."""
 
     def __init__(self, problem: cp.Problem, parameters: Sequence[cp.Parameter], variables: Sequence[cp.Variable],
-                 *, ineq=None, eq=None, solver_args: Optional[Dict[str, Any]] = None):
+                 *, ineq=None, eq=None, solver_args: Optional[Dict[str, Any]] = None,
+                 torch_problem: Optional[ConstrainedProblem] = None, check_tol: float = 1e-5):
         from cvxpylayers.torch import CvxpyLayer
 
         self.ineq, self.eq = split_constraints(problem, ineq, eq)
+        self.problem, self.parameters, self.torch_problem, self.check_tol = problem, list(parameters), torch_problem, \
+            check_tol
         self.variables = list(variables)
         duals = [c.dual_variables[0] for c in self.ineq + self.eq]
-        self.layer = CvxpyLayer(problem, parameters=list(parameters), variables=self.variables + duals,
-                                solver_args=dict(DEFAULT_LAYER_ARGS if solver_args is None else solver_args))
+        try:
+            self.layer = CvxpyLayer(problem, parameters=list(parameters), variables=self.variables + duals,
+                                    solver_args=dict(DEFAULT_LAYER_ARGS if solver_args is None else solver_args))
+        except CVXPY_ERRORS as e:
+            raise _cvxpy_error(e, problem, "building a CvxpyLayer") from e
+        except ValueError as e:  # cvxpylayers: "Problem must be DPP." / "Problem must be DCP."
+            if "DPP" not in str(e) and "DCP" not in str(e):
+                raise
+            kind = cp.error.DPPError if "DPP" in str(e) else cp.error.DCPError
+            raise _cvxpy_error(kind(str(e)), problem, "building a CvxpyLayer") from e
 
     def __call__(self, *values: Tensor, solver_args: Optional[Dict[str, Any]] = None) -> LayerSolution:
         try:
@@ -190,4 +270,19 @@ class DualLayer:
         def cat(parts):
             return torch.cat([t.reshape(*batch, -1) for t in parts], dim=-1) if parts else None
 
-        return LayerSolution(list(out[:nv]), cat(out[nv:nv + len(self.ineq)]), cat(out[nv + len(self.ineq):]))
+        sol = LayerSolution(list(out[:nv]), cat(out[nv:nv + len(self.ineq)]), cat(out[nv + len(self.ineq):]))
+        if self.torch_problem is not None:
+            self.check(values, sol, batch)
+        return sol
+
+    def check(self, values: Sequence[Tensor], sol: LayerSolution, batch: Tuple[int, ...]) -> None:
+        """:func:`check_model` on each element (a batched value has the batch in front of its parameter shape)."""
+        n = int(np.prod(batch)) if batch else 1
+        flat_vals = [v.reshape(n, *p.shape) if v.dim() > len(p.shape) else None for v, p in zip(values, self.parameters)]
+        for b in range(n):
+            vals = [v if f is None else f[b] for v, f in zip(values, flat_vals)]
+            pick = (lambda t: None if t is None else t.detach().reshape(n, *t.shape[len(batch):])[b]) if batch \
+                else (lambda t: None if t is None else t.detach())
+            check_model(self.torch_problem, self.problem, self.parameters, [v.detach() for v in vals], self.variables,
+                        [pick(t) for t in sol.params], pick(sol.mu), pick(sol.nu), ineq=self.ineq, eq=self.eq,
+                        tol=self.check_tol)

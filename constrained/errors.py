@@ -16,9 +16,29 @@ class InnerSolveError(ConstrainedError):
         self.status = status
 
 
+class InaccurateSolveError(InnerSolveError):
+    """The solver returned a point that is not a KKT point to the tolerance although the torch model agrees
+    with the cvxpy model (values and derivatives): the solve is inaccurate; ``residuals`` has the measured
+    KKT residuals. Tighten the solver's tolerances."""
+
+    def __init__(self, message: str, status: Optional[str], residuals: Optional[dict] = None):
+        super().__init__(message, status)
+        self.residuals = dict(residuals or {})
+
+
+class CvxpyProblemError(ConstrainedError):
+    """cvxpy refused the problem while building or solving it (not DCP / DPP, a parameter value outside its
+    declared set, ...); the message names the problem and the fix, the cvxpy error is the ``__cause__``."""
+
+
 class KKTError(ConstrainedError):
     """The given primal-dual pair is not a KKT point (stationarity, feasibility, sign of the multipliers
-    or complementarity fails beyond the tolerance), so the implicit function theorem does not apply."""
+    or complementarity fails beyond the tolerance), so the implicit function theorem does not apply.
+    ``residuals``: the measured KKT residuals (stationarity, stationarity_rel, primal_feasibility, ...)."""
+
+    def __init__(self, message: str, residuals: Optional[dict] = None):
+        super().__init__(message)
+        self.residuals = dict(residuals or {})
 
 
 class DegenerateConstraintError(KKTError):

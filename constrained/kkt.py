@@ -10,14 +10,16 @@ has w* as a fixed point and  I - d_w Phi = eta K,  K = [[H, J_A^T, J_q^T], [J_A,
 (H = grad^2_yy L): symmetric and indefinite. eta cancels from the hypergradient.
 
 Classification is two-sided and scale-aware. Each inequality gets a *force* mu_i ||grad_y p_i|| (its
-share of the stationarity balance, compared with the force scale F = max(||grad_y g||, ||J_p^T mu||,
-||J_q^T nu||, max force)) and a *distance* -p_i / ||grad_y p_i|| (to its boundary in y-space, compared
-with D = max(||y||_inf, median distance)). With tau_mu = rtol F + atol and tau_s = rtol D + atol:
-degenerate (|force| <= tau_mu and |distance| <= tau_s); otherwise active when force / tau_mu exceeds
-distance / tau_s (the multiplier is the larger of the two, relative to its own scale), else inactive.
-Inconsistent (an error, the pair is not a KKT point): both above ``big`` x their thresholds (default
-1000, i.e. 1e-3 of the scales: room for an inner solver's accuracy), a multiplier below -tau_mu, or a
-constraint violated by more than tau_s.
+share of the stationarity balance, relative to the force scale F = max(||grad_y g||, ||J_p^T mu||,
+||J_q^T nu||, max force)) and a *distance* -p_i / ||grad_y p_i|| (to its boundary in y-space, relative to
+D = max(||y||_inf, median distance)): f_i and d_i, dimensionless. The point's accuracy is
+delta = max(||grad_y L|| / F, violations / D, max_i min(|f_i|, |d_i|)) (the natural KKT residual; it
+bounds the distance to an exact KKT point for QPs). Degenerate: |f_i| and |d_i| both <= rtol + 10 delta
+(either could be 0 at the exact point; an interior-point solver leaves both ~ sqrt(gap) there);
+otherwise active when f_i > d_i, else inactive. Inconsistent (an error, the pair is not a KKT point):
+both above ``big`` x rtol (default 1000, i.e. 1e-3 of the scales: room for an inner solver's accuracy),
+a multiplier below -rtol F, or a constraint violated by more than rtol D (atol is added to the
+thresholds F rtol and D rtol).
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from .errors import DegenerateConstraintError, DegenerateConstraintWarning, KKTE
 from .problem import ConstrainedProblem
 
 POLICIES = ("drop", "keep", "error")
+DEGENERATE_FACTOR = 10.0  # degenerate: multiplier and slack both within this many x the point's accuracy
 
 
 @dataclass
@@ -42,7 +45,9 @@ class KKTReport:
 
     ``active``/``inactive``/``degenerate``: indices into the inequalities (after the policy, a
     degenerate index is also in ``active`` ("keep") or ``inactive`` ("drop")). Residuals are absolute
-    except ``stationarity_rel`` = ||grad_y L|| / (||grad_y g|| + ||J_p^T mu|| + ||J_q^T nu||).
+    except ``stationarity_rel`` = ||grad_y L|| / (||grad_y g|| + ||J_p^T mu|| + ||J_q^T nu||). ``accuracy`` is
+    the point's natural KKT residual delta (see the module docstring); ``tau_mu``/``tau_slack`` the force and
+    distance below which a constraint's multiplier and slack count as ~0 (both: degenerate).
     """
     n_ineq: int
     n_eq: int
@@ -60,12 +65,13 @@ class KKTReport:
     tau_mu: float
     tau_slack: float
     notes: List[str] = field(default_factory=list)
+    accuracy: float = 0.0
 
     def summary(self) -> str:
         return (f"{len(self.active)}/{self.n_ineq} active inequalities, {self.n_eq} equalities, "
                 f"{len(self.degenerate)} degenerate ({self.policy}), LICQ {'holds' if self.licq else 'FAILS'}; "
                 f"stationarity {self.stationarity:.2e} (rel {self.stationarity_rel:.2e}), feasibility "
-                f"{self.primal_feasibility:.2e}, complementarity {self.complementarity:.2e}")
+                f"{self.primal_feasibility:.2e}, complementarity {self.complementarity:.2e}, accuracy {self.accuracy:.2e}")
 
 
 @dataclass
@@ -156,6 +162,15 @@ def _list_bad(mask: Tensor, values: Tensor, label: str) -> str:
     return f"{label} at {len(idx)} constraint(s): {shown}{' ...' if len(idx) > 8 else ''}"
 
 
+def accuracy(stat: float, feas_dist: float, force: Tensor, dist: Tensor, F: float, D: float) -> float:
+    """delta = max(||grad_y L|| / F, max violation distance / D, max_i min(|f_i|, |d_i|)) with f = force / F,
+    d = dist / D: the natural KKT residual of the point, dimensionless (its distance to an exact KKT point
+    is O(delta) for a QP, strictly complementary or not)."""
+    F, D = (F if F > 0 else 1.0), (D if D > 0 else 1.0)
+    nat = float(torch.minimum(force.abs() / F, dist.abs() / D).max()) if force.numel() else 0.0
+    return max(stat / F, feas_dist / D, nat)
+
+
 def analyze(problem: ConstrainedProblem, params: Sequence[Tensor], hparams: Sequence[Tensor],
             mu: Optional[Tensor] = None, nu: Optional[Tensor] = None, *, degenerate: str = "drop",
             rtol: float = 1e-6, atol: float = 1e-12, kkt_tol: Optional[float] = 1e-5,
@@ -222,29 +237,37 @@ def _analyze(problem, params, hparams, mu, nu, degenerate, rtol, atol, kkt_tol, 
     if kkt_tol is not None and stat_rel > kkt_tol and stat > atol:
         problems.append(f"stationarity: ||grad_y L|| = {stat:.3e}, relative {stat_rel:.3e} > kkt_tol={kkt_tol:g} "
                         "(is the inner problem solved accurately, and do mu/nu follow L = g + mu^T p + nu^T q?)")
-    small_f, small_d = force.abs() <= tau_mu, dist.abs() <= tau_s
     for bad, vals, label in ((force < -tau_mu, mu_v, "negative multiplier mu_i"),
                              (dist < -tau_s, p_v, "violated inequality p_i > 0"),
                              ((force > big * tau_mu) & (dist > big * tau_s), mu_v * p_v,
                               "complementarity fails (mu_i and -p_i both large; mu_i p_i shown)")):
         if bool(bad.any()):
             problems.append(_list_bad(bad, vals, label))
+    feas_dist = float((-dist).clamp(min=0).max()) if m else 0.0
     if k:
         gq = torch.linalg.norm(Jq, dim=1)
         qdist = q_v.abs() / torch.where(gq > 0, gq, torch.ones_like(gq))
+        feas_dist = max(feas_dist, float(qdist.max()))
         if bool((qdist > tau_s).any()):
             problems.append(_list_bad(qdist > tau_s, q_v, "violated equality q_i != 0"))
+    residuals = dict(stationarity=stat, stationarity_rel=stat_rel, primal_feasibility=feas, complementarity=comp,
+                     dual_feasibility=dual)
     if problems:
         raise KKTError("not a KKT point: " + "; ".join(problems) +
-                       f" [thresholds: multiplier force {tau_mu:.2e}, slack distance {tau_s:.2e}]")
+                       f" [thresholds: multiplier force {tau_mu:.2e}, slack distance {tau_s:.2e}]", residuals)
 
-    degen = small_f & small_d
+    delta = accuracy(stat, feas_dist, force, dist, F, D)
+    tau = rtol + DEGENERATE_FACTOR * delta
+    deg_mu, deg_s = tau * F + atol, tau * D + atol
+    degen = (force.abs() <= deg_mu) & (dist.abs() <= deg_s)
     active = ~degen & (force / tau_mu > dist / tau_s)
     degen_idx = torch.nonzero(degen).flatten()
     notes = []
     if len(degen_idx) > 0:
+        shown = ", ".join(f"{i} (mu {float(mu_v[i]):.2e}, p {float(p_v[i]):.2e})" for i in degen_idx.tolist()[:6])
         msg = (f"{len(degen_idx)} degenerate constraint(s) (mu_i ~ 0 and p_i ~ 0: strict complementarity fails) "
-               f"at indices {degen_idx.tolist()[:10]}; the derivative is one-sided there")
+               f"at indices {degen_idx.tolist()[:10]}: {shown}; both within the point's accuracy (delta "
+               f"{delta:.1e}: force <= {deg_mu:.1e}, distance <= {deg_s:.1e}); the derivative is one-sided there")
         if degenerate == "error":
             raise DegenerateConstraintError(msg + "; pass degenerate='drop' or 'keep' to choose a side")
         if degenerate == "keep":
@@ -264,7 +287,7 @@ def _analyze(problem, params, hparams, mu, nu, degenerate, rtol, atol, kkt_tol, 
         if warn:
             warnings.warn(notes[-1], LICQWarning, stacklevel=3)
     report = KKTReport(m, k, active_idx, inactive_idx, degen_idx, degenerate, licq, rank, stat, stat_rel, feas,
-                       comp, dual, tau_mu, tau_s, notes)
+                       comp, dual, deg_mu, deg_s, notes, delta)
     return report, mu, nu, J
 
 
