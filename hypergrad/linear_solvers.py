@@ -321,8 +321,8 @@ def solve_cg(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: Optional[fl
     Checks (each raises instead of returning a wrong number): symmetry, from the recurrence's own vectors,
     |<p_{k-1}, A p_k> - <A p_{k-1}, p_k>| <= ~1e4 eps (||p_{k-1}|| (||p_k|| + ||A p_k||) + ...) else
     :class:`BreakdownError` naming gmres; ||A p|| / ||p|| at the rounding level of ||A|| while the residual
-    is large: :class:`SingularSystemError`; p^T A p <= 0
-    (indefinite A) ends in :class:`BreakdownError` naming minres unless the solve converged.
+    is large: :class:`SingularSystemError`; p^T A p = 0 (breakdown): :class:`BreakdownError` naming minres;
+    p^T A p < 0 (indefinite A) without convergence: a warning (the result is a truncated approximation).
     ``check_symmetry=False`` for operators that change between products (stochastic maps).
     """
     matvec, b, x0 = _as_batch(matvec, b, x0, batched)
@@ -356,7 +356,7 @@ def solve_cg(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: Optional[fl
         flat = gain <= 100 * eps * a_norm  # A p ~ 0: p is (numerically) a null direction of A
         singular |= active & flat & ((ApAp == 0) | (rr.detach().sqrt() > sing_res))
         broke |= active & (pAp_d == 0) & ~singular
-        indefinite |= active & (pAp_d < 0)
+        indefinite |= active & (pAp_d < -100 * eps * a_norm * pp)  # below rounding: negative curvature
         alpha = torch.where(active & (pAp != 0), rr / _safe(pAp), torch.zeros_like(pAp))
         x, r = baxpy(alpha, p, x), baxpy(-alpha, Ap, r)
         task_its += active
@@ -391,9 +391,11 @@ def solve_cg(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: Optional[fl
         p, rr = baxpy(beta, p, r), torch.where(active, rr_new, rr)
     _cg_raise(k, asym, sym_tol, singular, broke)
     bad = indefinite & ~confirmed
-    if bool(bad.any()):
-        raise BreakdownError(f"cg met p^T A p < 0{mon._of(bad)} and did not converge: I - dPhi/dw is not positive "
-                             "definite (a KKT or saddle-point map); use solver='minres' (symmetric) or 'gmres'")
+    if bool(bad.any()):  # a truncated Krylov approximation (as truncated Newton-CG), not garbage: say so
+        warnings.warn(f"cg met negative curvature p^T A p < 0{mon._of(bad)} and did not converge: I - dPhi/dw is "
+                      "not positive definite here (a non-convex inner problem, or a KKT map), so the result is a "
+                      "truncated approximation (converged=False); solver='minres' solves symmetric indefinite systems",
+                      stacklevel=4)
     return _finish("cg", x, task_its, res, confirmed, batched)
 
 

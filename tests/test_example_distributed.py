@@ -37,5 +37,5 @@ def test_torchrun_two_processes_match_one_process():
     assert "training rows as [171, 170]" in out and "validation rows as [57, 56]" in out  # unequal shards
     two = check_output(out, world=2, steps=2)
     one = check_output(run([], steps=2), world=1, steps=2)
-    for a, b in zip(one, two):  # the same optimization path, up to rounding
-        assert abs(a[1] - b[1]) <= 1e-9 * abs(a[1]) and a[5] == b[5]
+    for a, b in zip(one, two):  # the same optimization path, up to rounding (which may move CG's stopping
+        assert abs(a[1] - b[1]) <= 1e-9 * abs(a[1]) and abs(a[5] - b[5]) <= 1  # test across one iteration)
