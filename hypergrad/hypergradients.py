@@ -353,8 +353,9 @@ def stoch_AID(params, hparams, outer_loss, K, J_inner=1, J_outer=1, fp_map=None,
     fixed-point iteration) on minibatch estimates; averages J_outer outer and J_inner inner samples.
     With ``inner_loss`` instead of ``fp_map`` the system is H v = dE/dw (H the inner Hessian).
     """
-    if (fp_map is None) == (inner_loss is None):
-        raise ValueError("stoch_AID needs exactly one of fp_map or inner_loss")
+    if fp_map is None and inner_loss is None:
+        raise ValueError("stoch_AID needs fp_map or inner_loss")
+    inner_loss = None if fp_map is not None else inner_loss  # both given: fp_map, as in hypertorch
     K = tl.check_count(K, "K")
     J_inner, J_outer = tl.check_count(J_inner, "J_inner"), tl.check_count(J_outer, "J_outer")
     tl.check_flag(set_grad, "set_grad")

@@ -112,6 +112,13 @@ class Momentum(DifferentiableOptimizer):
 
 
 def _grads(loss, params, create_graph):
+    for i, w in enumerate(params):
+        if not w.requires_grad:
+            raise ValueError(f"params[{i}] (shape {tuple(w.shape)}) does not require grad, so the inner optimizer "
+                             "cannot differentiate the loss w.r.t. it: pass params made with .requires_grad_() (e.g. "
+                             "[t.detach().requires_grad_() for t in params]) or the outputs of a previous step")
+    if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
+        raise ValueError("the inner loss has no graph to params (detached, .data, or computed under torch.no_grad())")
     return torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
 
 

@@ -354,3 +354,12 @@ def test_set_grad_must_be_a_bool_in_every_hypertorch_function():
             fn([p["w_star"]], [p["lam"]], 10, fp, p["outer_loss"], 1e-10, 0.0)
     with pytest.raises(TypeError, match="set_grad"):
         hg.reverse_unroll([p["w_star"] * p["lam"]], [p["lam"]], p["outer_loss"], 0)
+
+
+def test_inner_optimizer_on_params_without_requires_grad_is_a_clear_error():
+    p = ridge()
+    gd = hg.GradientDescent(p["inner_loss"], p["step"])
+    with pytest.raises(ValueError, match=r"params\[0\].*requires_grad"):
+        gd([p["w_star"].detach()], [p["lam"]])
+    with pytest.raises(ValueError, match=r"params\[0\].*requires_grad"):
+        hg.HeavyBall(p["inner_loss"], p["step"], 0.5)([p["w_star"].detach(), p["w_star"].detach()], [p["lam"]])
