@@ -363,3 +363,41 @@ def test_inner_optimizer_on_params_without_requires_grad_is_a_clear_error():
         gd([p["w_star"].detach()], [p["lam"]])
     with pytest.raises(ValueError, match=r"params\[0\].*requires_grad"):
         hg.HeavyBall(p["inner_loss"], p["step"], 0.5)([p["w_star"].detach(), p["w_star"].detach()], [p["lam"]])
+
+
+def _batched_linear(Ms, seed=0, dtype=DT):
+    g = torch.Generator().manual_seed(seed)
+    B, n = Ms.shape[:2]
+    lam = torch.randn(B, n, generator=g, dtype=DT)
+    w = torch.linalg.solve(Ms, lam).to(dtype)
+    lam = lam.to(dtype).requires_grad_(True)
+    t = torch.randn(B, n, generator=g, dtype=DT)
+    ref = torch.linalg.solve(Ms.transpose(1, 2), w.double() - t)  # per task: M_b^-T (w_b - t_b)
+    Md = Ms.to(dtype)
+    fp = lambda ps, hs: [ps[0] - ((Md @ ps[0][..., None])[..., 0] - hs[0])]
+    return w, lam, fp, t.to(dtype), ref
+
+
+def test_batched_cg_on_a_non_symmetric_task_raises():
+    S = torch.stack([torch.eye(6, dtype=DT) * 2.0] * 3)
+    N = torch.zeros(6, 6, dtype=DT)
+    N[0, 3], N[3, 0] = 0.5, -0.5
+    S[2] = S[2] + N  # task 2 only
+    w, lam, fp, t, ref = _batched_linear(S)
+    outer = lambda ps, hs: 0.5 * ((ps[0] - t) ** 2).sum(1)
+    with pytest.raises(hg.BreakdownError, match="gmres"):
+        hg.batched_hypergradient([w], [lam], fp, outer, solver="cg", set_grad=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("solver", ["cg", "fixed_point", "neumann"])
+def test_batched_scaling_the_outer_loss_scales_the_hypergradient(solver, dtype):
+    g = torch.Generator().manual_seed(2)
+    Q, _ = torch.linalg.qr(torch.randn(4, 6, 6, generator=g, dtype=DT))
+    Ms = Q @ torch.diag_embed(torch.rand(4, 6, generator=g, dtype=DT) * 0.5 + 0.5) @ Q.transpose(1, 2)
+    w, lam, fp, t, ref = _batched_linear(Ms, dtype=dtype)
+    for c in (1e-12, 1.0, 1e12):
+        outer = lambda ps, hs, c=c: c * 0.5 * ((ps[0] - t) ** 2).sum(1)
+        res = hg.batched_hypergradient([w], [lam], fp, outer, solver=solver, K=500, set_grad=False)
+        assert bool(res.converged.all()), (c, res.residual)
+        assert rel_err(res.grads[0].double() / c, ref) <= (1e-9 if dtype == DT else 1e-4), c
