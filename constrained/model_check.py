@@ -30,10 +30,14 @@ STEPS = (1e-4, 1e-3)  # central-difference steps (first, second order), relative
 
 
 def _unit(like: Tensor, gen: torch.Generator) -> Tensor:
-    """A random direction with ||.||_inf = max(||like||_inf, 1)."""
-    r = torch.randn(like.shape, generator=gen, dtype=torch.float64).to(like.dtype)
-    scale = max(float(like.detach().abs().max()) if like.numel() else 0.0, 1.0)
-    return r * (scale / max(float(r.abs().max()), 1e-30)) if r.numel() else r
+    """A random direction scaled per entry like ``like``: r_i max(|like_i|, 1e-2 ||like||_inf) (1 where like = 0),
+    so that a step stays inside the domain of log, sqrt, ... and the differences resolve each entry."""
+    r = torch.randn(like.shape, generator=gen, dtype=torch.float64)
+    if r.numel() == 0:
+        return r.to(like.dtype)
+    a = like.detach().double().abs()
+    top = float(a.max())
+    return (r * torch.clamp(a, min=1e-2 * top if top > 0 else 1.0)).to(like.dtype)
 
 
 def _value_directions(values: Sequence[Tensor], hparams: Sequence[Tensor], e: List[Tensor],

@@ -268,3 +268,40 @@ def test_cvxpy_refusals_are_library_errors_naming_the_problem():
     with pytest.raises(C.CvxpyProblemError, match=r"values\[0\].*nonnegative"):
         C.solve_cvxpy(cp.Problem(cp.Minimize(cp.sum_squares(y - s)), [y <= 0.5]), [s],
                       [torch.tensor([-1.0, 0, 0], dtype=DT)], [y])
+
+
+# ---------------------------------------------------------------- 4. nonlinear pieces, sign-restricted parameters
+TIGHT = dict(tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_nonlinear_models_pass_and_a_detached_one_is_caught(dtype):
+    """A ball constraint ||y||^2 <= r (r a nonneg parameter: the check steps inside its set) and a log
+    objective with entries from 0.03 to 0.4 (steps relative to each entry stay in the domain)."""
+    y, a, r = cp.Variable(4), cp.Parameter(4), cp.Parameter(nonneg=True)
+    ball = cp.Problem(cp.Minimize(cp.sum_squares(y - a)), [cp.sum_squares(y) <= r])
+    A, R = torch.tensor([1.5, -2.0, 0.7, 1.1], dtype=dtype), torch.tensor(1.3, dtype=dtype)
+
+    def ball_model(detach):
+        return C.ConstrainedProblem(lambda p, h: ((p[0] - h[0]) ** 2).sum(),
+                                    lambda p, h: (p[0] @ p[0] - (h[1].detach() if detach else h[1])).reshape(1))
+
+    sol = C.solve_cvxpy(ball, [a, r], [leaf(A), leaf(R)], [y], torch_problem=ball_model(False), **TIGHT)
+    # closed form: y = sqrt(r) a / ||a||, dE/dr for E = w'y is w'a / (2 sqrt(r) ||a||)
+    w = torch.tensor([0.3, 1.0, -2.0, 0.5], dtype=dtype)
+    res = C.hypergradient(ball_model(False), sol.params, [leaf(A), leaf(R)], lambda p, h: w @ p[0], sol.mu,
+                          set_grad=False)
+    ref_r = float(w.double() @ A.double()) / (2 * float(R) ** 0.5 * float(A.double().norm()))
+    assert abs(float(res.grads[1]) - ref_r) <= (1e-6 if dtype == DT else 1e-3) * abs(ref_r)
+    with pytest.raises(C.ModelMismatchError, match=r"ineq\[0\].*hparams"):
+        C.solve_cvxpy(ball, [a, r], [leaf(A), leaf(R)], [y], torch_problem=ball_model(True), **TIGHT)
+    y, a = cp.Variable(5), cp.Parameter(5)
+    logp = cp.Problem(cp.Minimize(-cp.sum(cp.log(y)) + a @ y), [cp.sum(y) == 1, y <= 0.6])
+    model = C.ConstrainedProblem(lambda p, h: -torch.log(p[0]).sum() + h[0] @ p[0], lambda p, h: p[0] - 0.6,
+                                 lambda p, h: p[0].sum().reshape(1) - 1)
+    A = torch.tensor([30.0, 0.1, -2.0, 5.0, 0.0], dtype=dtype)
+    # at Clarabel's default tolerances the exponential-cone solve is only accurate to ~4e-4: said so
+    with pytest.raises(C.InaccurateSolveError, match="stationarity.*tighten"):
+        C.solve_cvxpy(logp, [a], [A], [y], torch_problem=model)
+    sol = C.solve_cvxpy(logp, [a], [A], [y], torch_problem=model, **TIGHT)
+    assert float(sol.params[0].min()) < 0.05
