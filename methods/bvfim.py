@@ -158,7 +158,7 @@ def bvfim_hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], inn
             cand, cand_psi, _, cand_noise = psi_at(cand)
             accept = False
             if cand_psi is not None:
-                change, tol = float((cand_psi - psi).detach()), float(noise + cand_noise)
+                change, tol = torch.stack([(cand_psi - psi).detach(), noise + cand_noise]).tolist()  # one read
                 if change <= tol:
                     cand_g = grad_at(cand, cand_psi)
                     # within roundoff psi cannot tell: progress is then a smaller gradient
