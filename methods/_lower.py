@@ -212,7 +212,8 @@ def check_lower(losses: Sequence[Tensor], norms: Sequence[Tensor], step_option: 
         raise_if_nonfinite(list(norms), f"{what} gradient", "lower step")
 
 
-def step_name(option: str, rule: SGDRule) -> str:
-    """``option`` with the rule's current value, e.g. ``lr=0.5``."""
+def step_name(option: str, rule: SGDRule, alias: str = "or ll_opt's lr") -> str:
+    """``option`` with the rule's current value, e.g. ``lr=0.5 (or ll_opt's lr)``."""
     lrs = sorted(set(rule.lr))
-    return f"{option}={lrs[0]:g}" if len(lrs) == 1 else f"{option} (values {', '.join(f'{v:g}' for v in lrs)})"
+    value = f"={lrs[0]:g}" if len(lrs) == 1 else f" (values {', '.join(f'{v:g}' for v in lrs)})"
+    return f"{option}{value} ({alias})"

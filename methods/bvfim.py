@@ -109,7 +109,7 @@ def bvfim_hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], inn
 
     start_z = params if z0 is None else [w.detach() for w in z0]
     z, _, z_norms, z_prev = descend(start_z, z_grad, z_rule, range(z_loop), track=False)
-    check_lower(z_losses, z_norms, step_name("z_lr (or ll_opt's lr)", z_rule), "the z-loop")
+    check_lower(z_losses, z_norms, step_name("z_lr", z_rule), "the z-loop")
     z = [w.detach() for w in z]
     with torch.no_grad():
         f_z = inner_loss(z, xd).reshape(())

@@ -111,7 +111,7 @@ def dynamic_hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], i
     y, state, norms2, prev = descend(y, grad_fn, rule, range(truncate, steps), state, track=True,
                                      on_iterate=(lambda yk, t: iterates.append(yk)) if pessimistic else None)
     norms += norms2
-    check_lower(lower_losses, norms, step_name("lr (or ll_opt's lr)", rule))
+    check_lower(lower_losses, norms, step_name("lr", rule))
 
     k_star = steps
     if pessimistic:

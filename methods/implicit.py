@@ -65,7 +65,7 @@ def implicit_hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], 
         return grads_of(f, y, create_graph=create_graph)
 
     y, _, norms, _ = descend(params, grad_fn, rule, range(steps), track=False)
-    check_lower(losses, norms, step_name("ll_learning_rate (or ll_opt's lr)", rule))
+    check_lower(losses, norms, step_name("ll_learning_rate", rule))
     y = [w.detach() for w in y]
     res = hypergradient_at(y, hparams, inner_loss, outer_loss, lr, solver=solver, K=K, tol=tol, v0=v0,
                            set_grad=set_grad, fixed_point_tol=fixed_point_tol, **solver_options)
