@@ -18,6 +18,7 @@ from .problem import ConstrainedProblem
 __all__ = [
     "ConstrainedProblem", "kkt_map", "analyze", "KKTMap", "KKTReport", "hypergradient", "ConstrainedResult",
     "batch_hypergradient", "BatchResult", "solve_cvxpy", "CvxpySolution", "DualLayer", "LayerSolution",
-    "split_constraints", "check_model", "ConstrainedError", "CvxpyProblemError", "InaccurateSolveError", "InnerSolveError", "KKTError", "DegenerateConstraintError",
+    "split_constraints", "check_model", "ConstrainedError", "CvxpyProblemError", "InaccurateSolveError",
+    "InnerSolveError", "KKTError", "DegenerateConstraintError",
     "ModelMismatchError", "DegenerateConstraintWarning", "LICQWarning", "NotConvergedWarning",
 ]

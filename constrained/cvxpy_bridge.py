@@ -41,7 +41,8 @@ def _cvxpy_error(e: Exception, problem: cp.Problem, doing: str) -> CvxpyProblemE
                         "by parameter-free expressions",
             "ParameterError": "give every cvxpy parameter a value (list it in parameters)"}.get(
         type(e).__name__, "check the problem's definition")
-    return CvxpyProblemError(f"cvxpy refused the problem while {doing} ({type(e).__name__}: {' '.join(str(e).split())}); problem: "
+    said = " ".join(str(e).split())
+    return CvxpyProblemError(f"cvxpy refused the problem while {doing} ({type(e).__name__}: {said}); problem: "
                              f"{_describe(problem)}; {hint}")
 
 
@@ -278,11 +279,15 @@ class DualLayer:
     def check(self, values: Sequence[Tensor], sol: LayerSolution, batch: Tuple[int, ...]) -> None:
         """:func:`check_model` on each element (a batched value has the batch in front of its parameter shape)."""
         n = int(np.prod(batch)) if batch else 1
-        flat_vals = [v.reshape(n, *p.shape) if v.dim() > len(p.shape) else None for v, p in zip(values, self.parameters)]
+
+        def element(t: Optional[Tensor], b: int, own_dims: int) -> Optional[Tensor]:
+            if t is None or t.dim() == own_dims:  # unbatched (a value shared by the batch)
+                return None if t is None else t.detach()
+            return t.detach().reshape(n, *t.shape[t.dim() - own_dims:])[b]
+
         for b in range(n):
-            vals = [v if f is None else f[b] for v, f in zip(values, flat_vals)]
-            pick = (lambda t: None if t is None else t.detach().reshape(n, *t.shape[len(batch):])[b]) if batch \
-                else (lambda t: None if t is None else t.detach())
-            check_model(self.torch_problem, self.problem, self.parameters, [v.detach() for v in vals], self.variables,
-                        [pick(t) for t in sol.params], pick(sol.mu), pick(sol.nu), ineq=self.ineq, eq=self.eq,
+            vals = [element(v, b, len(p.shape)) for v, p in zip(values, self.parameters)]
+            ys = [element(t, b, len(var.shape)) for t, var in zip(sol.params, self.variables)]
+            check_model(self.torch_problem, self.problem, self.parameters, vals, self.variables, ys,
+                        element(sol.mu, b, 1), element(sol.nu, b, 1), ineq=self.ineq, eq=self.eq,
                         tol=self.check_tol)

@@ -71,7 +71,8 @@ class KKTReport:
         return (f"{len(self.active)}/{self.n_ineq} active inequalities, {self.n_eq} equalities, "
                 f"{len(self.degenerate)} degenerate ({self.policy}), LICQ {'holds' if self.licq else 'FAILS'}; "
                 f"stationarity {self.stationarity:.2e} (rel {self.stationarity_rel:.2e}), feasibility "
-                f"{self.primal_feasibility:.2e}, complementarity {self.complementarity:.2e}, accuracy {self.accuracy:.2e}")
+                f"{self.primal_feasibility:.2e}, complementarity {self.complementarity:.2e}, "
+                f"accuracy {self.accuracy:.2e}")
 
 
 @dataclass

@@ -35,9 +35,9 @@ def _unit(like: Tensor, gen: torch.Generator) -> Tensor:
     r = torch.randn(like.shape, generator=gen, dtype=torch.float64)
     if r.numel() == 0:
         return r.to(like.dtype)
-    a = like.detach().double().abs()
+    a = like.detach().double().cpu().abs()
     top = float(a.max())
-    return (r * torch.clamp(a, min=1e-2 * top if top > 0 else 1.0)).to(like.dtype)
+    return (r * torch.clamp(a, min=1e-2 * top if top > 0 else 1.0)).to(device=like.device, dtype=like.dtype)
 
 
 def _value_directions(values: Sequence[Tensor], hparams: Sequence[Tensor], e: List[Tensor],
@@ -46,14 +46,15 @@ def _value_directions(values: Sequence[Tensor], hparams: Sequence[Tensor], e: Li
     (forward mode from the values' graph, the double-VJP trick) otherwise; None when no value depends on x."""
     if identity:
         return [d.detach().double().cpu().numpy() for d in e]
-    targets = [h for h in hparams if h.requires_grad]
+    idx = [j for j, h in enumerate(hparams) if h.requires_grad]
     outs = [v for v in values if v.requires_grad]
-    if not targets or not outs:
+    if not idx or not outs:
         return None
     with torch.enable_grad():
         zs = [torch.zeros_like(v, requires_grad=True) for v in outs]
-        gs = torch.autograd.grad(outs, targets, grad_outputs=zs, create_graph=True, allow_unused=True)
-        pairs = [(g, d) for g, d, h in zip(gs, e, hparams) if h.requires_grad and g is not None]
+        gs = torch.autograd.grad(outs, [hparams[j] for j in idx], grad_outputs=zs, create_graph=True,
+                                 allow_unused=True)
+        pairs = [(g, e[j]) for g, j in zip(gs, idx) if g is not None]
         if not pairs or not any(g.requires_grad for g, _ in pairs):
             return None
         total = sum((g * d).sum() for g, d in pairs)
@@ -139,12 +140,11 @@ def check_derivatives(torch_problem: ConstrainedProblem, cvx_problem: cp.Problem
     gen = torch.Generator().manual_seed(seed)
     sizes = ([c.size for c in ineq], [c.size for c in eq])
     w64 = [torch.randn(n, generator=gen, dtype=torch.float64) for n in sizes[0] + sizes[1]]
-    weights = [w.to(dt) for w in w64]
+    weights = [w.to(device=params[0].device, dtype=dt) for w in w64]
     u = [_unit(t, gen) for t in params]
     e = [_unit(h, gen) if h.is_floating_point() else torch.zeros_like(h) for h in hparams]
     dv = _value_directions(values, hparams, e, identity)
-    labels = ["the objective"] + [f"ineq[{i}] ({_short(c)})" for i, c in enumerate(ineq)] + \
-             [f"eq[{i}] ({_short(c)})" for i, c in enumerate(eq)]
+    named = [("ineq", i, c) for i, c in enumerate(ineq)] + [("eq", i, c) for i, c in enumerate(eq)]
     mine = _torch_derivatives(torch_problem, params, hparams, u, e, weights, sizes)
 
     saved_y = [None if v.value is None else np.array(v.value) for v in variables]
@@ -152,7 +152,7 @@ def check_derivatives(torch_problem: ConstrainedProblem, cvx_problem: cp.Problem
     pieces = _CvxpyPieces(cvx_problem, parameters, variables, ineq, eq, [w.numpy() for w in w64])
     y0 = [t.detach().double().cpu().numpy() for t in params]
     v0 = [t.detach().double().cpu().numpy() for t in values]
-    u0 = [t.double().numpy() for t in u]
+    u0 = [t.double().cpu().numpy() for t in u]
     try:
         mags = np.array([row[4] + sum(sc for _, sc in row[:4]) for row in mine])  # sizes of the terms in s
         refs = _references(pieces, y0, v0, u0, dv, mags, torch_problem, params, hparams, u, e, weights, sizes)
@@ -163,7 +163,7 @@ def check_derivatives(torch_problem: ConstrainedProblem, cvx_problem: cp.Problem
             par.value = val
     names = ["D_y (along a random u)", "D^2_yy (u, u)", "D_x (along a random e)", "D^2_xy (u, e)"]
     wrt = ["the inner variables y", "y", "the hparams x", "the hparams x"]
-    for i, label in enumerate(labels):
+    for i in range(1 + len(named)):
         for k in range(4):
             if i == 0 and k == 2:
                 continue  # an x-only term of g does not move y*(x)
@@ -173,6 +173,7 @@ def check_derivatives(torch_problem: ConstrainedProblem, cvx_problem: cp.Problem
                 continue
             gap = abs(got - ref)
             if gap > tol * (scale + abs(ref)) + err:
+                label = "the objective" if i == 0 else "{}[{}] ({})".format(*named[i - 1][:2], _short(named[i - 1][2]))
                 raise ModelMismatchError(
                     f"{label}: the torch model's derivative {names[k]} is {got:.6g} by autograd but {ref:.6g} by "
                     f"central differences of {src} (gap {gap:.3e} > tolerance {tol * (scale + abs(ref)) + err:.3e}): "
