@@ -32,7 +32,7 @@ STEPS = (1e-4, 1e-3)  # central-difference steps (first, second order), relative
 def _unit(like: Tensor, gen: torch.Generator) -> Tensor:
     """A random direction scaled per entry like ``like``: r_i max(|like_i|, 1e-2 ||like||_inf) (1 where like = 0),
     so that a step stays inside the domain of log, sqrt, ... and the differences resolve each entry."""
-    r = torch.randn(like.shape, generator=gen, dtype=torch.float64)
+    r = torch.randn(like.shape, generator=gen, dtype=torch.float64, device="cpu")
     if r.numel() == 0:
         return r.to(like.dtype)
     a = like.detach().double().cpu().abs()
@@ -139,7 +139,7 @@ def check_derivatives(torch_problem: ConstrainedProblem, cvx_problem: cp.Problem
     tol = max(tol, 100 * torch.finfo(dt).eps)
     gen = torch.Generator().manual_seed(seed)
     sizes = ([c.size for c in ineq], [c.size for c in eq])
-    w64 = [torch.randn(n, generator=gen, dtype=torch.float64) for n in sizes[0] + sizes[1]]
+    w64 = [torch.randn(n, generator=gen, dtype=torch.float64, device="cpu") for n in sizes[0] + sizes[1]]
     weights = [w.to(device=params[0].device, dtype=dt) for w in w64]
     u = [_unit(t, gen) for t in params]
     e = [_unit(h, gen) if h.is_floating_point() else torch.zeros_like(h) for h in hparams]
