@@ -137,6 +137,7 @@ def main(argv=None) -> None:
     if rank == 0:
         say(f"hypergradient of {world} process(es) vs 1 process with all rows: relative difference "
             f"{single_process_difference(f, last, (Xtr, ytr), (Xva, yva), args):.1e}")
+    dist.barrier()  # every rank tears down together: a rank leaving while rank 0 still works aborts in gloo
     dist.destroy_process_group()
 
 
