@@ -95,8 +95,135 @@ def _systems(mask: Tensor, show: int = 8) -> str:
     return ", ".join(map(str, idx[:show])) + (f", ... ({len(idx)} in all)" if len(idx) > show else "")
 
 
-def _as_batch(matvec: MatVec, b, x0, batched: bool):
-    """(matvec, b, x0) over rows: unchanged for a batch, a batch of one for a single system."""
+class _TensorRows:
+    """Per-system arithmetic on a batch: scalars are [B] tensors, masks [B] bool tensors (no host read)."""
+    host = False
+
+    def dot(self, xs, ys):
+        return bdot(xs, ys)
+
+    def sqrt(self, a):
+        return a.sqrt()
+
+    def detach(self, a):
+        return a.detach()
+
+    def axpy(self, a, xs, ys):
+        return baxpy(a, xs, ys)
+
+    def where(self, m, a, b):
+        return torch.where(m, a, b)
+
+    def rows_where(self, m, xs, ys):
+        return _bwhere(m, xs, ys)
+
+    def maximum(self, a, b):
+        return torch.maximum(a, b)
+
+    def minimum(self, a, b):
+        return torch.minimum(a, b)
+
+    def clamp_min(self, a, lo: float):
+        return torch.clamp(a, min=lo)
+
+    def safe(self, d):
+        return _safe(d)
+
+    def not_(self, m):
+        return ~m
+
+    def any(self, m) -> bool:
+        return bool(m.any())
+
+    def all(self, m) -> bool:
+        return bool(m.all())
+
+    def isfinite(self, a):
+        return torch.isfinite(a)
+
+    def full(self, like, value):
+        return torch.full_like(like, value, dtype=torch.long) if isinstance(value, int) else torch.full_like(like, value)
+
+    def zeros(self, like):
+        return torch.zeros_like(like)
+
+    def false(self, like):
+        return torch.zeros_like(like, dtype=torch.bool)
+
+    def top(self, a, m) -> float:
+        return float(a.detach()[m].max())
+
+    def named(self, m) -> str:
+        return f" for task(s) {_systems(m)}" if m.numel() > 1 else ""
+
+    def as_float(self, a):
+        return a.to(a.dtype if a.is_floating_point() else torch.get_default_dtype())
+
+
+class _HostRows:
+    """One system on the CPU without a graph: scalars are Python floats, masks Python bools (reading a CPU
+    tensor costs nothing, and float arithmetic is ~100x cheaper than 0-d tensor operations)."""
+    host = True
+
+    def dot(self, xs, ys):
+        return tl.dot(xs, ys).item()
+
+    def sqrt(self, a):
+        return math.sqrt(a)
+
+    def detach(self, a):
+        return a
+
+    def axpy(self, a, xs, ys):
+        return tl.axpy(a, xs, ys)
+
+    def where(self, m, a, b):
+        return a if m else b
+
+    def rows_where(self, m, xs, ys):
+        return list(xs) if m else list(ys)
+
+    maximum, minimum = staticmethod(max), staticmethod(min)
+
+    def clamp_min(self, a, lo: float):
+        return max(a, lo)
+
+    def safe(self, d):
+        return d if d != 0 else 1.0
+
+    def not_(self, m):
+        return not m
+
+    def any(self, m) -> bool:
+        return bool(m)
+
+    all = any
+
+    def isfinite(self, a):
+        return math.isfinite(a)
+
+    def full(self, like, value):
+        return value
+
+    def zeros(self, like):
+        return 0.0
+
+    def false(self, like):
+        return False
+
+    def top(self, a, m) -> float:
+        return float(a)
+
+    def named(self, m) -> str:
+        return ""
+
+    def as_float(self, a):
+        return float(a)
+
+
+def _as_rows(matvec: MatVec, b, x0, batched: bool):
+    """(rows arithmetic, matvec, b, x0): a batch as it is; one system on the CPU without a graph on the host
+    fast path; any other single system as a batch of one (0-d device scalars would cost a host read each)."""
     b = list(b)
     if x0 is not None:
         x0 = tl.check_like(x0, b, "v0 (warm start)", "the adjoint")
@@ -104,14 +231,18 @@ def _as_batch(matvec: MatVec, b, x0, batched: bool):
         if any(t.dim() == 0 for t in b) or len({t.shape[0] for t in b}) != 1:
             raise ValueError(f"a batch of systems needs one leading dimension B on every tensor, got shapes "
                              f"{[tuple(t.shape) for t in b]}")
-        return matvec, b, x0
+        return _TensorRows(), matvec, b, x0
+    if all(t.device.type == "cpu" and not t.requires_grad for t in b):
+        return _HostRows(), matvec, b, x0
     up = lambda xs: [t.unsqueeze(0) for t in xs]
-    return (lambda u: up(matvec([t[0] for t in u]))), up(b), (None if x0 is None else up(x0))
+    return _TensorRows(), (lambda u: up(matvec([t[0] for t in u]))), up(b), (None if x0 is None else up(x0))
 
 
-def _finish(name: str, x, its, res, conv, batched: bool):
+def _finish(R, name: str, x, its, res, conv, batched: bool):
     if batched:
         return x, SolveInfo(name, its, res.detach(), conv)
+    if R.host:
+        return x, SolveInfo(name, int(its), float(res), bool(conv))
     return [t[0] for t in x], SolveInfo(name, int(its[0]), float(res[0]), bool(conv[0]))
 
 
@@ -128,8 +259,9 @@ class _Monitor:
     on check iterations. Thresholds: max(tol, rtol ||b_b||); a cold start whose nonzero b is already below
     its threshold (the zero solution would be returned) is solved to the default relative tolerance."""
 
-    def __init__(self, name: str, b: Sequence[Tensor], r0: Tensor, tol, rtol, check_every, divergence_factor,
-                 cold: bool, hint: str = ""):
+    def __init__(self, name: str, b: Sequence[Tensor], r0, tol, rtol, check_every, divergence_factor,
+                 cold: bool, hint: str = "", rows=None):
+        R = self.R = rows if rows is not None else _TensorRows()
         tol, rtol = resolve_tolerances(tol, rtol, b[0].dtype)
         if check_every is not None and (isinstance(check_every, bool) or not isinstance(check_every, int)
                                         or check_every < 1):
@@ -139,38 +271,39 @@ class _Monitor:
         self.name, self.hint = name, hint
         self.every = check_every or (1 if b[0].device.type == "cpu" else 10)
         self.eps = torch.finfo(b[0].dtype).eps
-        self.bnorm = bdot(b, b).detach().sqrt()
-        thr = torch.clamp(rtol * self.bnorm, min=tol)
+        self.bnorm = R.detach(R.sqrt(R.dot(b, b)))
+        thr = R.clamp_min(rtol * self.bnorm, tol)
         if cold:
             empty = (self.bnorm > 0) & (self.bnorm <= thr)
-            if bool(empty.any()):
-                warnings.warn(f"{name}: tol={tol:g} is at or above ||b|| = {float(self.bnorm[empty].max()):.3e} (the "
+            if R.any(empty):
+                warnings.warn(f"{name}: tol={tol:g} is at or above ||b|| = {R.top(self.bnorm, empty):.3e} (the "
                               "right-hand side dE/dw): the zero adjoint would pass, dropping the implicit term of the "
                               f"hypergradient; solving to rtol={default_rtol(b[0].dtype):g} instead. Pass rtol= "
                               "(relative) rather than an absolute tol.", stacklevel=4)
-                thr = torch.where(empty, default_rtol(b[0].dtype) * self.bnorm, thr)
+                thr = R.where(empty, default_rtol(b[0].dtype) * self.bnorm, thr)
         self.threshold = thr
-        self.r0 = r0.detach()
+        self.r0 = R.detach(r0)
         self.raise_if_bad(0, self.r0, "the right-hand side or the starting point")
-        self.limit = divergence_factor * torch.maximum(self.r0, thr)
+        self.limit = divergence_factor * R.maximum(self.r0, thr)
 
     def check_now(self, it: int, last: bool) -> bool:
         return last or it % self.every == 0
 
-    def raise_if_bad(self, it: int, res: Tensor, what: str = "the iterates") -> None:
+    def raise_if_bad(self, it: int, res, what: str = "the iterates") -> None:
         """NaN/Inf or a residual ``divergence_factor`` times its start raise (one host read)."""
-        res = res.detach()
-        bad = ~torch.isfinite(res)
-        if bool(bad.any()):
+        R = self.R
+        res = R.detach(res)
+        bad = R.not_(R.isfinite(res))
+        if R.any(bad):
             raise NonFiniteError(f"{self.name}: NaN or Inf in {what}{self._of(bad)} after {it} iterations{self.hint}")
         if it > 0:
             grew = res > self.limit
-            if bool(grew.any()):
-                raise DivergenceError(f"{self.name} diverges{self._of(grew)}: residual {float(res[grew].max()):.3e} "
-                                      f"after {it} iterations, started at {float(self.r0[grew].max()):.3e}{self.hint}")
+            if R.any(grew):
+                raise DivergenceError(f"{self.name} diverges{self._of(grew)}: residual {R.top(res, grew):.3e} "
+                                      f"after {it} iterations, started at {R.top(self.r0, grew):.3e}{self.hint}")
 
-    def _of(self, mask: Tensor) -> str:
-        return f" for task(s) {_systems(mask)}" if mask.numel() > 1 else ""
+    def _of(self, mask) -> str:
+        return self.R.named(mask)
 
 
 class _Scalars:
@@ -232,9 +365,9 @@ class _ScalarMonitor:
         return r <= self.threshold
 
 
-def _sym_tol(b: Sequence[Tensor]) -> float:
+def _sym_tol(b: Sequence[Tensor], R) -> float:
     """Largest relative gap |<u, A v> - <A u, v>| / scale that rounding explains (scale: see solve_cg)."""
-    n = sum(t[0].numel() for t in b)
+    n = sum((t.numel() if R.host else t[0].numel()) for t in b)
     return max(1e4, 10 * math.sqrt(n)) * torch.finfo(b[0].dtype).eps
 
 
@@ -265,47 +398,48 @@ def solve_neumann(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: Option
 def _richardson(name, neumann, matvec, b, x0, maxiter, tol, rtol, check_every, divergence_factor, batched):
     """Fixed-point iteration or Neumann series on rows (per-system stopping: a converged row stops moving).
     Both residuals are ||(J^T)^k r0||, so their growth measures the contraction of J directly."""
-    matvec, b, x0 = _as_batch(matvec, b, x0, batched)
+    R, matvec, b, x0 = _as_rows(matvec, b, x0, batched)
     x, r, its = _start(matvec, b, x0)
     if neumann:
         x = tl.axpy(1.0, r, x)  # r is the series' current term
-    res = bdot(r, r).sqrt()
+    res = R.sqrt(R.dot(r, r))
     hint = ("; the map is not a contraction here (spectral radius of dPhi/dw >= 1): use solver='cg' (gradient-"
             "descent maps) or 'gmres' (any map), or a smaller inner step size")
-    mon = _Monitor(name, b, res, tol, rtol, check_every, divergence_factor, cold=x0 is None)
+    mon = _Monitor(name, b, res, tol, rtol, check_every, divergence_factor, cold=x0 is None, rows=R)
     active = res > mon.threshold
-    task_its = torch.full_like(res, its, dtype=torch.long)
-    best, floor = mon.r0.clone(), None
+    task_its, one, zero = R.full(res, its), R.full(res, 1.0), R.zeros(res)
+    best, floor, k = mon.r0 * 1.0, None, 0
     for k in range(maxiter):
-        if k % mon.every == 0 and not bool(active.any()):
+        if k % mon.every == 0 and not R.any(active):
             break
         if neumann:
             r = tl.sub(r, matvec(r))
         elif k > 0:  # the first residual is b (cold) or was computed by _start (warm)
             r = tl.sub(b, matvec(x))
-        x = baxpy(active.to(res.dtype), r, x)
+        x = R.axpy(R.where(active, one, zero), r, x)
         if neumann or k > 0:
             task_its += active
-        res = torch.where(active, bdot(r, r).sqrt(), res)
+        res = R.where(active, R.sqrt(R.dot(r, r)), res)
         active = active & (res > mon.threshold)
         if mon.check_now(k + 1, k + 1 == maxiter):
             mon.raise_if_bad(k + 1, res)
-            floor = 100 * mon.eps * (mon.bnorm + bdot(x, x).detach().sqrt())
-            grew = active & (res.detach() > CONTRACTION_GROWTH * torch.maximum(best, floor))
-            if bool(grew.any()):
-                raise DivergenceError(f"{name} diverges{mon._of(grew)}: residual {float(res[grew].max()):.3e} after "
+            res_d = R.detach(res)
+            floor = 100 * mon.eps * (mon.bnorm + R.detach(R.sqrt(R.dot(x, x))))
+            grew = active & (res_d > CONTRACTION_GROWTH * R.maximum(best, floor))
+            if R.any(grew):
+                raise DivergenceError(f"{name} diverges{mon._of(grew)}: residual {R.top(res_d, grew):.3e} after "
                                       f"{k + 1} iterations, {CONTRACTION_GROWTH:g}x its smallest value "
-                                      f"{float(best[grew].max()):.3e}{hint}")
-            best = torch.minimum(best, res.detach())
+                                      f"{R.top(best, grew):.3e}{hint}")
+            best = R.minimum(best, res_d)
     converged = res <= mon.threshold
     if floor is not None:
-        worse = ~converged & (res.detach() > torch.maximum(mon.r0, floor))
-        if bool(worse.any()):
-            raise DivergenceError(f"{name} did not contract{mon._of(worse)}: after {int(task_its.max())} iterations "
-                                  f"the residual {float(res[worse].max()):.3e} is above its start "
-                                  f"{float(mon.r0[worse].max()):.3e}, so the result is no approximation of the "
-                                  f"solution{hint} (or, for a contraction with transient growth, a larger K)")
-    return _finish(name, x, task_its, res, converged, batched)
+        worse = R.not_(converged) & (R.detach(res) > R.maximum(mon.r0, floor))
+        if R.any(worse):
+            raise DivergenceError(f"{name} did not contract{mon._of(worse)}: after {k + 1} iterations the residual "
+                                  f"{R.top(res, worse):.3e} is above its start {R.top(mon.r0, worse):.3e}, so the "
+                                  f"result is no approximation of the solution{hint} (or, for a contraction with "
+                                  "transient growth, a larger K)")
+    return _finish(R, name, x, task_its, res, converged, batched)
 
 
 def solve_cg(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: Optional[float] = None,
@@ -325,87 +459,91 @@ def solve_cg(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: Optional[fl
     p^T A p < 0 (indefinite A) without convergence: a warning (the result is a truncated approximation).
     ``check_symmetry=False`` for operators that change between products (stochastic maps).
     """
-    matvec, b, x0 = _as_batch(matvec, b, x0, batched)
+    R, matvec, b, x0 = _as_rows(matvec, b, x0, batched)
     x, r, its = _start(matvec, b, x0)
-    rr = bdot(r, r)
-    mon = _Monitor("cg", b, rr.sqrt(), tol, rtol, check_every, divergence_factor, cold=x0 is None)
+    rr = R.dot(r, r)
+    mon = _Monitor("cg", b, R.sqrt(rr), tol, rtol, check_every, divergence_factor, cold=x0 is None, rows=R)
     thr, eps = mon.threshold, mon.eps
-    active = rr.sqrt() > thr
-    task_its = torch.full_like(rr, its, dtype=torch.long)
-    zero = torch.zeros_like(rr.detach())
-    asym, a_scale, a_norm, last_checked = zero.clone(), zero.clone(), zero.clone(), mon.r0.clone()
-    no = torch.zeros_like(active)
-    singular, broke, indefinite, pending, confirmed = no.clone(), no.clone(), no.clone(), no.clone(), ~active
-    sym_tol, sing_res = _sym_tol(b), math.sqrt(eps) * mon.r0
-    res, p, prev, k = rr.sqrt(), r, None, 0
-    done = not bool(active.any())
+    active = R.sqrt(rr) > thr
+    task_its = R.full(rr, its)
+    zero = R.zeros(R.detach(rr))
+    asym, a_scale, a_norm, last_checked = zero * 1, zero * 1, zero * 1, mon.r0 * 1
+    no = R.false(active)
+    singular, broke, indefinite, pending, confirmed = no, no, no, no, R.not_(active)
+    sym_tol, sing_res = _sym_tol(b, R), math.sqrt(eps) * mon.r0
+    res, p, prev, k = R.sqrt(rr), r, None, 0
+    done = not R.any(active)
     while not done and k < maxiter:
         Ap = matvec(p)
         k += 1
-        pAp, pp = bdot(p, Ap), bdot(p, p).detach()
-        pAp_d, ApAp = pAp.detach(), bdot(Ap, Ap).detach()
+        pAp, pp = R.dot(p, Ap), R.detach(R.dot(p, p))
+        pAp_d, ApAp = R.detach(pAp), R.detach(R.dot(Ap, Ap))
         if check_symmetry and prev is not None:
             p0, Ap0, pp0, ApAp0 = prev
-            scale = pp0.sqrt() * (pp.sqrt() + ApAp.sqrt()) + pp.sqrt() * (pp0.sqrt() + ApAp0.sqrt())
-            gap = (bdot(p0, Ap) - bdot(Ap0, p)).detach().abs() / _safe(scale)
-            asym = torch.maximum(asym, torch.where(active, gap, zero))
+            scale = R.sqrt(pp0) * (R.sqrt(pp) + R.sqrt(ApAp)) + R.sqrt(pp) * (R.sqrt(pp0) + R.sqrt(ApAp0))
+            gap = abs(R.detach(R.dot(p0, Ap) - R.dot(Ap0, p))) / R.safe(scale)
+            asym = R.maximum(asym, R.where(active, gap, zero))
         prev = ([t.detach() for t in p], [t.detach() for t in Ap], pp, ApAp) if check_symmetry else None
-        a_scale = torch.maximum(a_scale, torch.where(active, pAp_d.abs() / _safe(rr.detach()), zero))
-        gain = (ApAp / _safe(pp)).sqrt()  # ||A p|| / ||p||; its running maximum estimates ||A||
-        a_norm = torch.maximum(a_norm, torch.where(active, gain, zero))
+        a_scale = R.maximum(a_scale, R.where(active, abs(pAp_d) / R.safe(R.detach(rr)), zero))
+        gain = R.sqrt(ApAp / R.safe(pp))  # ||A p|| / ||p||; its running maximum estimates ||A||
+        a_norm = R.maximum(a_norm, R.where(active, gain, zero))
         flat = gain <= 100 * eps * a_norm  # A p ~ 0: p is (numerically) a null direction of A
-        singular |= active & flat & ((ApAp == 0) | (rr.detach().sqrt() > sing_res))
-        broke |= active & (pAp_d == 0) & ~singular
-        indefinite |= active & (pAp_d < -100 * eps * a_norm * pp)  # below rounding: negative curvature
-        alpha = torch.where(active & (pAp != 0), rr / _safe(pAp), torch.zeros_like(pAp))
-        x, r = baxpy(alpha, p, x), baxpy(-alpha, Ap, r)
+        singular = singular | (active & flat & ((ApAp == 0) | (R.sqrt(R.detach(rr)) > sing_res)))
+        broke = broke | (active & (pAp_d == 0) & R.not_(singular))
+        indefinite = indefinite | (active & (pAp_d < -100 * eps * a_norm * pp))  # beyond rounding
+        alpha = R.where(active & (pAp != 0), rr / R.safe(pAp), R.zeros(pAp))
+        x, r = R.axpy(alpha, p, x), R.axpy(-alpha, Ap, r)
         task_its += active
-        rr_new = bdot(r, r)
-        res = torch.where(active, rr_new.sqrt(), res)
+        rr_new = R.dot(r, r)
+        res = R.where(active, R.sqrt(rr_new), res)
         met = active & (res <= thr)
-        pending, active = pending | met, active & ~met
+        pending, active = pending | met, active & R.not_(met)
         if mon.check_now(k, k == maxiter):
-            _cg_raise(k, asym, sym_tol, singular, broke)
-            mon.raise_if_bad(k, torch.where(confirmed, zero, res), "the iterates")
-            res_d = res.detach()
-            floor = _rounding_floor(task_its, a_scale, x, b, eps)
+            _cg_raise(R, k, asym, sym_tol, singular, broke)
+            mon.raise_if_bad(k, R.where(confirmed, zero, res), "the iterates")
+            res_d = R.detach(res)
+            floor = _rounding_floor(R, task_its, a_scale, x, b, eps)
             stalled = active & (res_d > 0.5 * last_checked) & (res_d < 1e-3 * mon.r0) & (res_d <= floor / 100)
-            active = active & ~stalled  # at the rounding level: more steps only amplify rounding noise
-            last_checked = torch.where(active, res_d, last_checked)
-            if not bool(active.any()):  # every recurrence converged or stalled: confirm with true residuals
+            active = active & R.not_(stalled)  # at the rounding level: more steps only amplify rounding noise
+            last_checked = R.where(active, res_d, last_checked)
+            if not R.any(active):  # every recurrence converged or stalled: confirm with true residuals
                 need = pending & (floor > 0.1 * thr)  # the others' recurrence cannot have drifted
-                confirmed = confirmed | (pending & ~need)
-                if not bool(need.any()):
+                confirmed = confirmed | (pending & R.not_(need))
+                if not R.any(need):
                     break
                 r_true = tl.sub(b, matvec(x))
                 task_its += need
-                rt = bdot(r_true, r_true)
-                ok = rt.sqrt() <= thr
-                res = torch.where(need, rt.sqrt(), res)
-                confirmed, active = confirmed | (need & ok), need & ~ok  # the others restart
-                r, rr_new, pending = _bwhere(active, r_true, r), torch.where(active, rt, rr_new), no.clone()
-                done = not bool(active.any())
+                rt = R.dot(r_true, r_true)
+                ok = R.sqrt(rt) <= thr
+                res = R.where(need, R.sqrt(rt), res)
+                confirmed, active = confirmed | (need & ok), need & R.not_(ok)  # the others restart
+                r, rr_new, pending = R.rows_where(active, r_true, r), R.where(active, rt, rr_new), no
+                done = not R.any(active)
                 p, rr = r, rr_new
                 continue
-        beta = torch.where(active, rr_new / _safe(rr), torch.zeros_like(rr))
-        p, rr = baxpy(beta, p, r), torch.where(active, rr_new, rr)
-    _cg_raise(k, asym, sym_tol, singular, broke)
-    bad = indefinite & ~confirmed
-    if bool(bad.any()):  # a truncated Krylov approximation (as truncated Newton-CG), not garbage: say so
+        beta = R.where(active, rr_new / R.safe(rr), R.zeros(rr))
+        p, rr = R.axpy(beta, p, r), R.where(active, rr_new, rr)
+    _cg_raise(R, k, asym, sym_tol, singular, broke)
+    bad = indefinite & R.not_(confirmed)
+    if R.any(bad):  # a truncated Krylov approximation (as truncated Newton-CG), not garbage: say so
         warnings.warn(f"cg met negative curvature p^T A p < 0{mon._of(bad)} and did not converge: I - dPhi/dw is "
                       "not positive definite here (a non-convex inner problem, or a KKT map), so the result is a "
                       "truncated approximation (converged=False); solver='minres' solves symmetric indefinite systems",
                       stacklevel=4)
-    return _finish("cg", x, task_its, res, confirmed, batched)
+    return _finish(R, "cg", x, task_its, res, confirmed, batched)
 
 
-def _cg_raise(k: int, asym: Tensor, sym_tol: float, singular: Tensor, broke: Tensor) -> None:
+def _cg_raise(R, k: int, asym, sym_tol: float, singular, broke) -> None:
     """Raise on CG's flags (one host read)."""
-    flags = torch.stack([(asym > sym_tol).any(), singular.any(), broke.any()]).tolist()
+    if R.host:
+        flags = [asym > sym_tol, singular, broke]
+    else:
+        flags = torch.stack([(asym > sym_tol).any(), singular.any(), broke.any()]).tolist()
     if flags[0]:
         raise BreakdownError(f"cg needs a symmetric operator, but <u, A v> != <A u, v> (relative gap "
-                             f"{float(asym.max()):.1e} at iteration {k}, rounding explains {sym_tol:.1e}): I - dPhi/dw "
-                             "is not symmetric (momentum maps, non-normal maps); use solver='gmres'")
+                             f"{float(R.top(asym, asym > sym_tol)):.1e} at iteration {k}, rounding explains "
+                             f"{sym_tol:.1e}): I - dPhi/dw is not symmetric (momentum maps, non-normal maps); use "
+                             "solver='gmres'")
     if flags[1]:
         raise SingularSystemError(f"cg: I - dPhi/dw is singular (p^T A p at rounding level at iteration {k} while the "
                                   "residual is large): the hypergradient is not defined unless dE/dw is in the range of "
@@ -415,10 +553,10 @@ def _cg_raise(k: int, asym: Tensor, sym_tol: float, singular: Tensor, broke: Ten
                              "system); use solver='minres' (symmetric) or 'gmres'")
 
 
-def _rounding_floor(its: Tensor, a_scale: Tensor, x, b, eps: float) -> Tensor:
+def _rounding_floor(R, its, a_scale, x, b, eps: float):
     """Greenbaum's bound on the gap between CG's recurrence and true residuals, 10 k eps (||A|| ||x|| +
     ||b||), with ||A|| estimated by 10 max_k 1/|alpha_k| (a Rayleigh-quotient scale: safety factor)."""
-    return 10 * its * eps * (10 * a_scale * bdot(x, x).detach().sqrt() + bdot(b, b).detach().sqrt())
+    return 10 * its * eps * (10 * a_scale * R.detach(R.sqrt(R.dot(x, x))) + R.detach(R.sqrt(R.dot(b, b))))
 
 
 def solve_minres(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: Optional[float] = None,
