@@ -226,8 +226,12 @@ def check_fixed_point(fp_abs, fp_rel, fixed_point_tol: Optional[float]) -> None:
     if fixed_point_tol is not None:
         if worst > fixed_point_tol:
             raise NotAFixedPointError(f"{msg} (fixed_point_tol={fixed_point_tol:g})")
-    elif worst > FIXED_POINT_WARN_RTOL:
-        warnings.warn(f"{msg}, or pass fixed_point_tol=math.inf to accept it", FixedPointWarning, stacklevel=3)
+    elif worst > FIXED_POINT_WARN_RTOL:  # a fixed text: Python shows it once per call site, not every step
+        warnings.warn(f"params are not a fixed point of fp_map: ||Phi(w) - w|| / ||w|| > {FIXED_POINT_WARN_RTOL:g} "
+                      "(the result's fp_residual_rel has the value); the implicit hypergradient is exact only at a "
+                      "fixed point (its error grows like ||Phi(w) - w|| / (1 - rho), rho the contraction factor): run "
+                      "the inner solver longer, or pass fixed_point_tol=math.inf to accept it", FixedPointWarning,
+                      stacklevel=3)
 
 
 def _implicit(solver: str):
