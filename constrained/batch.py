@@ -39,7 +39,7 @@ def _element(xs: Sequence[Tensor], batched: Sequence[bool], b: int) -> List[Tens
 def batch_hypergradient(problem: ConstrainedProblem, params: Sequence[Tensor], hparams: Sequence[Tensor],
                         outer_loss: Callable, mu: Optional[Tensor] = None, nu: Optional[Tensor] = None,
                         solver: str = "auto", *, hparams_batched: Sequence[bool], K: Optional[int] = None,
-                        tol: float = 0.0, rtol: float = 1e-11, eta: float = 1.0, degenerate: str = "drop",
+                        tol: float = 0.0, rtol: Optional[float] = None, eta: float = 1.0, degenerate: str = "drop",
                         with_multipliers: bool = False, set_grad: bool = True, vectorize: bool = True,
                         dense_max: int = 1500, active_rtol: float = 1e-6, active_atol: float = 1e-12,
                         kkt_tol: Optional[float] = 1e-5) -> BatchResult:
@@ -107,5 +107,7 @@ def batch_hypergradient(problem: ConstrainedProblem, params: Sequence[Tensor], h
 
     n = sum(t.numel() for t in w)
     name = pick_solver(solver, n, all(r.licq for r in reports), dense_max)
+    if rtol is None:  # as constrained.hypergradient: reachable in float32 too
+        rtol = max(1e-11, 100 * torch.finfo(w[0].dtype).eps)
     res = solve_adjoint(w, hparams, fp_map, loss_w, name, K=K, tol=tol, rtol=rtol, v0=None, set_grad=set_grad)
     return BatchResult(res.grads, res.v, reports, res.solver, res.iterations, res.residual, res.converged)

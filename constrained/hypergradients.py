@@ -153,7 +153,7 @@ def _loss_in_w(km: KKTMap, outer_loss: Callable, with_multipliers: bool):
 
 def hypergradient(problem: ConstrainedProblem, params: Sequence[Tensor], hparams: Sequence[Tensor],
                   outer_loss: Callable, mu: Optional[Tensor] = None, nu: Optional[Tensor] = None,
-                  solver: str = "auto", *, K: Optional[int] = None, tol: float = 0.0, rtol: float = 1e-11,
+                  solver: str = "auto", *, K: Optional[int] = None, tol: float = 0.0, rtol: Optional[float] = None,
                   eta: float = 1.0, degenerate: str = "drop", with_multipliers: bool = False,
                   set_grad: bool = True, v0: Optional[Sequence[Tensor]] = None, dense_max: int = 1500,
                   materialize: Optional[bool] = None,
@@ -166,7 +166,8 @@ def hypergradient(problem: ConstrainedProblem, params: Sequence[Tensor], hparams
         mu: one multiplier per entry of ``problem.ineq`` (all of them); nu: one per entry of ``problem.eq``.
         solver: "auto" (dense up to ``dense_max`` unknowns, else MINRES), "dense", "minres", "cg",
             "cg_normaleq". CG may break down on the indefinite KKT matrix: it then raises, never NaN.
-        K, tol, rtol: iteration limit and stopping rule max(tol, rtol ||grad_w E||) of the Krylov solve.
+        K, tol, rtol: iteration limit and stopping rule max(tol, rtol ||grad_w E||) of the Krylov solve
+            (rtol None: max(1e-11, 100 eps of the dtype), reachable in float32 too).
         with_multipliers: call ``outer_loss(params, hparams, mu, nu)`` with the full-length multipliers
             (differentiated through the active ones; the inactive ones are constants: locally zero).
         degenerate, active_rtol, active_atol, kkt_tol, eta: see :func:`constrained.kkt_map`.
@@ -176,6 +177,8 @@ def hypergradient(problem: ConstrainedProblem, params: Sequence[Tensor], hparams
     """
     if solver not in SOLVERS:
         pick_solver(solver, 0, True, 0)  # raises the error naming the choices
+    if rtol is None:
+        rtol = max(1e-11, 100 * torch.finfo(params[0].dtype).eps)
     km = kkt_map(problem, params, hparams, mu, nu, eta=eta, degenerate=degenerate, rtol=active_rtol,
                  atol=active_atol, kkt_tol=kkt_tol)
     n = sum(t.numel() for t in km.w)

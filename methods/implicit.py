@@ -80,6 +80,9 @@ def hypergradient_at(y: Sequence[Tensor], hparams: Sequence[Tensor], inner_loss:
                      lr: float, **options) -> hypergrad.HypergradResult:
     """The core call: fixed-point map Phi = y - lr grad_y f at the detached lower iterate ``y``."""
     y = [w.detach() for w in y]
+    eps = torch.finfo(y[0].dtype).eps
+    if "rtol" not in options and 100 * eps > 1e-10:  # an absolute tolerance float32 cannot reach: floor it
+        options["rtol"] = 100 * eps                   # relatively (float64 keeps the absolute tolerance)
     return hypergrad.hypergradient(y, list(hparams), hypergrad.GradientDescent(inner_loss, lr), outer_loss,
                                    **options)
 

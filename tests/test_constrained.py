@@ -499,3 +499,19 @@ def test_wrong_supplied_hessian_is_an_error():
         problem = C.ConstrainedProblem(base.objective, base.ineq, base.eq, hessian=bad)
         with pytest.raises(ValueError, match=match):
             hg(problem, [qp.y], [leaf(qp.x)], qp.outer_loss, qp.mu, qp.nu, solver="dense")
+
+
+@pytest.mark.parametrize("solver", ["dense", "minres"])
+def test_float32_solve_converges_and_scales_with_the_outer_loss(solver):
+    """The default rtol is reachable in float32 (max(1e-11, 100 eps)); scaling E by c scales the result by c."""
+    qp = planted_qp(**QP_CASES[0])
+    f = lambda t: t.detach().float()
+    prob = C.ConstrainedProblem(lambda p, h: qp.objective([p[0].double()], [h[0].double()]).float(),
+                                lambda p, h: qp.ineq([p[0].double()], [h[0].double()]).float(),
+                                lambda p, h: qp.eq([p[0].double()], [h[0].double()]).float())
+    ref = qp.exact_hypergrad()
+    for c in (1e-8, 1.0, 1e8):
+        loss = lambda p, h, c=c: c * qp.outer_loss([p[0].double()], [h[0].double()]).float()
+        res = hg(prob, [f(qp.y)], [leaf(f(qp.x))], loss, f(qp.mu), f(qp.nu), solver=solver, materialize=False)
+        assert res.converged, (c, res.residual)
+        assert rel_err(res.grads[0].double() / c, ref) <= 1e-4, c

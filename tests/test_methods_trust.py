@@ -264,3 +264,12 @@ def test_dynamic_and_implicit_in_float32_match_float64_references():
     r = methods.implicit_hypergradient([P["y0"].float()], [x32], f32, F32, 100, 0.2, K=20, set_grad=False)
     ref = P["implicit_grad"](P["x0"], r.params[0].double())
     assert rel_err(r.grads[0].double(), ref) <= 1e-5 and r.fp_residual_rel <= 1e-6
+    assert r.converged, r  # the absolute tolerance 1e-10 is floored at float32's reach (100 eps relative)
+
+
+def test_implicit_float64_keeps_the_reference_documentations_absolute_tolerance():
+    f64, F64 = losses(P, torch.float64)
+    x = P["x0"].clone().requires_grad_(True)
+    loose = methods.implicit_hypergradient([P["y0"]], [x], f64, F64, 100, 0.2, K=50, tol=1e-2, set_grad=False)
+    tight = methods.implicit_hypergradient([P["y0"]], [x], f64, F64, 100, 0.2, K=50, tol=1e-12, set_grad=False)
+    assert loose.iterations < tight.iterations and loose.residual <= 1e-2 and tight.residual <= 1e-12
