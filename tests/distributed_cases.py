@@ -13,6 +13,7 @@ weight their local losses by 1 / N.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 from typing import Callable, Dict, List
 
@@ -283,7 +284,19 @@ def error_cases(rank: int) -> Dict[str, str]:
                                                           name="hparams")),
         "shape_differs": _message(lambda: hgd.assert_replicated([torch.ones(2 + rank)], name="params")),
         "same": _message(lambda: hgd.assert_replicated(hparams0() + params0(), name="inputs")),
+        # the trust checks decide from replicated quantities, so every rank raises the same error
+        "cg_heavy_ball": _message(lambda: hg.hypergradient(
+            params0() + params0(), hparams0(), hg.HeavyBall(hgd.data_parallel(inner), STEP, 0.9), _zero_outer,
+            solver="cg", K=30, set_grad=False, fixed_point_tol=math.inf)),
+        "fixed_point_diverges": _message(lambda: hg.hypergradient(
+            params0(), hparams0(), hg.GradientDescent(hgd.data_parallel(inner), 1e3), _zero_outer,
+            solver="fixed_point", K=30, set_grad=False, fixed_point_tol=math.inf)),
     }
+
+
+def _zero_outer(params, hparams):
+    """An outer loss whose gradient is the same nonzero vector on every rank."""
+    return sum((p * (1.0 + torch.arange(p.numel(), dtype=p.dtype).reshape(p.shape) / 7)).sum() for p in params[:2])
 
 
 def worker(rank: int, world_size: int, port: int, out_dir: str, w_star: List[Tensor]) -> None:

@@ -137,6 +137,8 @@ def test_errors_inside_a_group(ranks):
         assert e["differs"].startswith("ValueError") and "hparams[1]" in e["differs"] and "index 1" in e["differs"]
         assert e["shape_differs"].startswith("ValueError") and "params[0]" in e["shape_differs"]
         assert e["same"] == "no error"
+        assert e["cg_heavy_ball"].startswith("BreakdownError") and "gmres" in e["cg_heavy_ball"], e["cg_heavy_ball"]
+        assert e["fixed_point_diverges"].startswith("DivergenceError"), e["fixed_point_diverges"]
     assert ranks[0]["errors"] == ranks[1]["errors"]  # every rank raises, none is left waiting
 
 
