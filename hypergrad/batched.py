@@ -22,7 +22,7 @@ from torch import Tensor
 
 from . import tensor_list as tl
 from .errors import NonFiniteError
-from .hypergradients import check_fixed_point, check_solver_call
+from .hypergradients import check_fixed_point, check_solver_call, fixed_point_residuals
 from .linear_solvers import SOLVERS, SolveInfo, baxpy, bdot  # noqa: F401 (bdot, baxpy: public)
 
 BatchMatVec = Callable[[List[Tensor]], List[Tensor]]
@@ -119,6 +119,8 @@ def batched_hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], f
         check_fixed_point(fp_abs.tolist(), fp_rel.tolist(), fixed_point_tol)
         if check_tasks and B > 1:
             _check_separable(mapped, params)
+            if per_task:  # per-task hypergradients also need E_b to depend on task b only (the sum does not)
+                _check_separable([losses], params, "outer_loss")
         v, info = BATCHED_SOLVERS[solver](matvec, g_w, v0, maxiter=K, tol=tol, rtol=rtol, **solver_options)
         if per_task:
             grads = _per_task_grads(losses, mapped, hparams, v, B)
@@ -134,13 +136,12 @@ def batched_hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], f
 
 
 def _fp_residuals(mapped, params):
-    """Per task: ||Phi_b(w) - w_b|| and that over max(||w_b||, ||Phi_b(w)||)."""
-    d = bdot(*2 * [[(m - p).detach() for m, p in zip(mapped, params)]]).sqrt()
-    scale = torch.maximum(bdot(params, params).detach().sqrt(), bdot(mapped, mapped).detach().sqrt())
-    return d, torch.where(scale > 0, d / torch.where(scale > 0, scale, torch.ones_like(scale)), torch.zeros_like(d))
+    """Per task: ||Phi_b(w) - w_b|| and the per-tensor relative residual (as :class:`HypergradResult`)."""
+    dots = lambda xs, ys: torch.stack([(x * y).reshape(x.shape[0], -1).sum(1) for x, y in zip(xs, ys)])
+    return fixed_point_residuals([p.detach() for p in params], [m.detach() for m in mapped], dots)
 
 
-def _check_separable(mapped, params) -> None:
+def _check_separable(mapped, params, what: str = "fp_map") -> None:
     """Reject a map that couples any two tasks. For each bit j of the task index, a VJP with random
     cotangents on the tasks whose bit j is 1 must give exactly zero on the rows of the tasks whose bit j is 0,
     and vice versa: any pair of distinct tasks differs in some bit, so 2 ceil(log2 B) VJPs (one batched
@@ -172,8 +173,8 @@ def _check_separable(mapped, params) -> None:
         nonzero = (g != 0).reshape(g.shape[0], B, -1).any(-1)  # [P, B]
         leaked |= (nonzero & ~groups.to(nonzero.device)).any(0)
     if bool(leaked.any()):
-        raise ValueError(f"fp_map mixes tasks: the params of task(s) {_tasks(leaked)} change the outputs of other "
-                         "tasks; row b of fp_map(params, hparams) must depend on row b of the params only (no "
+        raise ValueError(f"{what} mixes tasks: the params of task(s) {_tasks(leaked)} change the outputs of other "
+                         f"tasks; row b of {what}(params, hparams) must depend on row b of the params only (no "
                          "statistics over the task dimension, no mixing across rows); pass check_tasks=False only "
                          "if the coupling is intended and you solve the joint system another way")
 

@@ -77,12 +77,13 @@ class _FixedPointSystem:
         return out
 
     def residual(self) -> tuple:
-        """(||Phi(w) - w||, ||Phi(w) - w|| / max(||w||, ||Phi(w)||)): how far params are from a fixed point."""
-        mapped = self.mapped()
-        d = tl.norm([(m - p).detach() for m, p in zip(mapped, self.params)])
-        scale = torch.maximum(tl.norm([p.detach() for p in self.params]), tl.norm([m.detach() for m in mapped]))
-        a, s = torch.stack([d, scale]).tolist()
-        return a, (a / s if s > 0 else 0.0)
+        """(||Phi(w) - w||, max_i ||Phi_i(w) - w_i|| / max(||w_i||, ||Phi_i(w)||, sqrt(eps) S)) over the params
+        tensors i (S the largest of those scales): a small tensor far from its fixed point is not hidden by a
+        large converged one."""
+        d, rel = fixed_point_residuals([p.detach() for p in self.params], [m.detach() for m in self.mapped()],
+                                       lambda xs, ys: torch.stack([(x * y).sum() for x, y in zip(xs, ys)]))
+        a, r = torch.stack([d, rel]).tolist()
+        return a, r
 
     def mapped(self) -> List[Tensor]:
         return self.map() if self.stochastic else self._mapped
@@ -194,6 +195,18 @@ def hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], fp_map: F
     return HypergradResult(grads, v, info.iterations, info.residual, info.converged, info.solver, fp_abs, fp_rel)
 
 
+def fixed_point_residuals(params, mapped, dots):
+    """(||Phi(w) - w||, the per-tensor relative residual of :meth:`_FixedPointSystem.residual`); ``dots(xs, ys)``
+    stacks the inner products per tensor along dim 0 (per task as a last dimension in the batched case)."""
+    diff = [m - p for m, p in zip(mapped, params)]
+    d2, w2, m2 = dots(diff, diff), dots(params, params), dots(mapped, mapped)
+    scale = torch.maximum(w2, m2).sqrt()
+    floor = math.sqrt(torch.finfo(params[0].dtype).eps) * scale.max(0).values
+    rel = d2.sqrt() / torch.maximum(scale, floor)
+    rel = torch.where(d2 > 0, rel, torch.zeros_like(rel))  # 0/0: a zero tensor that maps to zero
+    return d2.sum(0).sqrt(), rel.max(0).values
+
+
 _SOLVE_ARGS = {"matvec", "b", "x0", "maxiter", "tol", "rtol", "batched", "rmatvec", "matmat"}
 
 
@@ -288,10 +301,16 @@ def reverse_unroll(params, hparams, outer_loss, set_grad=True):
 def _check_depends(params, hparams) -> None:
     """``params`` must have an autograd graph that reaches at least one hparam (a breadth-first walk of
     the graph, stopping at the first hparam: the last inner step uses them, so this is quick)."""
-    if not any(p.grad_fn is not None for p in params):
-        raise ValueError("reverse_unroll differentiates through the inner solver's graph, but params have none "
-                         "(leaves, e.g. made by .detach().requires_grad_()): keep the graph of the inner steps "
-                         "(create_graph=True), or use an implicit method (hypergrad.cg, fixed_point) at a fixed point")
+    is_hparam = [any(p is h for h in hparams) for p in params]
+    leaves = [i for i, p in enumerate(params) if p.grad_fn is None and p.requires_grad and not is_hparam[i]]
+    if not leaves and any(is_hparam):
+        return
+    if leaves or not any(p.grad_fn is not None for p in params):
+        which = f"params{leaves}" if leaves else "params"
+        raise ValueError(f"reverse_unroll differentiates through the inner solver's graph, but {which} have none "
+                         "(leaves, e.g. made by .detach().requires_grad_()): their dependence on the hparams would be "
+                         "dropped. Keep the graph of the inner steps (create_graph=True), or use an implicit method "
+                         "(hypergrad.cg, fixed_point) at a fixed point")
     targets = {id(h) for h in hparams}
     nodes = {id(h.grad_fn): None for h in hparams if h.grad_fn is not None}
     queue, seen = [p.grad_fn for p in params if p.grad_fn is not None], set()
@@ -392,10 +411,11 @@ def stoch_AID(params, hparams, outer_loss, K, J_inner=1, J_outer=1, fp_map=None,
             if mon is None:  # the core's monitor: NaN/Inf and divergence, as in every other solver
                 mon = _Monitor("stoch_AID", rows, res, 0.0, 0.0, None, 1e6, cold=False,
                                hint="; lower the adjoint optimizer's learning rate (optim_build) or check the map")
-                best = res
+                best, last, up = res, res, 0
             elif mon.check_now(i, i == K - 1):
                 mon.raise_if_bad(i, res)
-                if bool(res > CONTRACTION_GROWTH * best):
+                up, last = (up + 1 if bool(res > last) else 0), res
+                if up >= 10 and bool(res > CONTRACTION_GROWTH * best):  # steady growth, not a transient
                     raise DivergenceError(f"stoch_AID diverges: the adjoint's residual {float(res):.3e} after {i} steps "
                                           f"is {CONTRACTION_GROWTH:g}x its smallest value {float(best):.3e}; lower the "
                                           "adjoint optimizer's learning rate (optim_build) or check that the map contracts")
@@ -408,6 +428,11 @@ def stoch_AID(params, hparams, outer_loss, K, J_inner=1, J_outer=1, fp_map=None,
             if verbose and (K < 5 or i % max(K // 5, 1) == 0 or i == K - 1):
                 print(f"k={i}: linsys residual = {float(tl.norm(step)):.3e}")
         tl.assert_finite(v, "stoch_AID's adjoint (the linear system diverged)")
+        if mon is not None and not (stoch_inner or stoch_outer) and K > 1 and (
+                bool(res > mon.r0) or up >= max(5, min(50, K // 4))):  # as fixed_point: it did not contract
+            raise DivergenceError(f"stoch_AID did not contract: after {K} steps the adjoint's residual {float(res):.3e} "
+                                  f"(start {float(mon.r0):.3e}) is above its start or growing steadily; lower the "
+                                  "adjoint optimizer's learning rate (optim_build) or check that the map contracts")
         indirect = [torch.zeros_like(h) for h in hparams]
         for _ in range(J_inner):
             indirect = tl.axpy(1.0 / J_inner, system.vjp([t.detach() for t in v], hparams), indirect)

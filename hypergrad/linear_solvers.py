@@ -275,12 +275,17 @@ class _Monitor:
         thr = R.clamp_min(rtol * self.bnorm, tol)
         if cold:
             empty = (self.bnorm > 0) & (self.bnorm <= thr)
-            if R.any(empty):
-                warnings.warn(f"{name}: tol={tol:g} is at or above ||b|| = {R.top(self.bnorm, empty):.3e} (the "
-                              "right-hand side dE/dw): the zero adjoint would pass, dropping the implicit term of the "
-                              f"hypergradient; solving to rtol={default_rtol(b[0].dtype):g} instead. Pass rtol= "
-                              "(relative) rather than an absolute tol.", stacklevel=4)
+            if R.any(empty):  # fixed texts: Python shows each once per call site, not at every outer step
+                warnings.warn(f"{name}: an absolute tol at or above ||b|| (the right-hand side dE/dw) lets the zero "
+                              "adjoint pass, dropping the implicit term of the hypergradient (hypertorch returns v = 0 "
+                              f"there); solving to rtol={default_rtol(b[0].dtype):g} instead. Pass rtol= (relative) "
+                              "rather than an absolute tol.", stacklevel=4)
                 thr = R.where(empty, default_rtol(b[0].dtype) * self.bnorm, thr)
+            elif R.any(thr > 1e-3 * self.bnorm):
+                warnings.warn(f"{name}: the tolerance is above 1e-3 ||b|| (b = dE/dw): the adjoint, and the "
+                              "hypergradient's implicit term, are accurate only to about tol / ||b|| relative; pass "
+                              "rtol= (relative) for a tolerance that follows the scale of the outer loss",
+                              stacklevel=4)
         self.threshold = thr
         self.r0 = R.detach(r0)
         self.raise_if_bad(0, self.r0, "the right-hand side or the starting point")
@@ -408,7 +413,8 @@ def _richardson(name, neumann, matvec, b, x0, maxiter, tol, rtol, check_every, d
     mon = _Monitor(name, b, res, tol, rtol, check_every, divergence_factor, cold=x0 is None, rows=R)
     active = res > mon.threshold
     task_its, one, zero = R.full(res, its), R.full(res, 1.0), R.zeros(res)
-    best, floor, k = mon.r0 * 1.0, None, 0
+    best, floor, k, last, up = mon.r0 * 1.0, None, 0, mon.r0 * 1.0, R.zeros(res)
+    run = max(5, min(50, (maxiter // mon.every) // 4))  # checks of steady growth that prove non-contraction
     for k in range(maxiter):
         if k % mon.every == 0 and not R.any(active):
             break
@@ -425,20 +431,26 @@ def _richardson(name, neumann, matvec, b, x0, maxiter, tol, rtol, check_every, d
             mon.raise_if_bad(k + 1, res)
             res_d = R.detach(res)
             floor = 100 * mon.eps * (mon.bnorm + R.detach(R.sqrt(R.dot(x, x))))
-            grew = active & (res_d > CONTRACTION_GROWTH * R.maximum(best, floor))
+            up = R.where(res_d > last, up + 1, R.zeros(res))  # consecutive checks with a growing residual
+            last = res_d
+            # steady growth to 1000x the smallest residual: a transient of a non-normal contraction is brief
+            grew = active & (up >= 10) & (res_d > CONTRACTION_GROWTH * R.maximum(best, floor))
             if R.any(grew):
                 raise DivergenceError(f"{name} diverges{mon._of(grew)}: residual {R.top(res_d, grew):.3e} after "
                                       f"{k + 1} iterations, {CONTRACTION_GROWTH:g}x its smallest value "
                                       f"{R.top(best, grew):.3e}{hint}")
             best = R.minimum(best, res_d)
     converged = res <= mon.threshold
-    if floor is not None:
-        worse = R.not_(converged) & (R.detach(res) > R.maximum(mon.r0, floor))
+    if floor is not None:  # out of iterations: a residual above its start, or growing steadily at the end
+        res_d = R.detach(res)
+        rising = (up >= run) & (res_d > 10 * floor)  # `run` growing checks in a row, above rounding noise
+        worse = R.not_(converged) & ((res_d > R.maximum(mon.r0, floor)) | rising)
         if R.any(worse):
             raise DivergenceError(f"{name} did not contract{mon._of(worse)}: after {k + 1} iterations the residual "
-                                  f"{R.top(res, worse):.3e} is above its start {R.top(mon.r0, worse):.3e}, so the "
-                                  f"result is no approximation of the solution{hint} (or, for a contraction with "
-                                  "transient growth, a larger K)")
+                                  f"{R.top(res, worse):.3e} (start {R.top(mon.r0, worse):.3e}, smallest "
+                                  f"{R.top(best, worse):.3e}) is above its start or growing steadily, so the result "
+                                  f"is no approximation of the solution{hint} (or, for a non-normal contraction "
+                                  "still in its transient growth, a larger K)")
     return _finish(R, name, x, task_its, res, converged, batched)
 
 
@@ -499,7 +511,8 @@ def solve_cg(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: Optional[fl
         met = active & (res <= thr)
         pending, active = pending | met, active & R.not_(met)
         if mon.check_now(k, k == maxiter):
-            _cg_raise(R, k, asym, sym_tol, singular, broke)
+            if _cg_raise(R, k, asym, sym_tol, singular, broke, lambda: _probe_symmetric(R, matvec, b, sym_tol)):
+                check_symmetry, asym, prev = False, zero, None  # symmetric after all: the gap was rounding
             mon.raise_if_bad(k, R.where(confirmed, zero, res), "the iterates")
             res_d = R.detach(res)
             floor = _rounding_floor(R, task_its, a_scale, x, b, eps)
@@ -523,7 +536,7 @@ def solve_cg(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: Optional[fl
                 continue
         beta = R.where(active, rr_new / R.safe(rr), R.zeros(rr))
         p, rr = R.axpy(beta, p, r), R.where(active, rr_new, rr)
-    _cg_raise(R, k, asym, sym_tol, singular, broke)
+    _cg_raise(R, k, asym, sym_tol, singular, broke, lambda: _probe_symmetric(R, matvec, b, sym_tol))
     bad = indefinite & R.not_(confirmed)
     if R.any(bad):  # a truncated Krylov approximation (as truncated Newton-CG), not garbage: say so
         warnings.warn(f"cg met negative curvature p^T A p < 0{mon._of(bad)} and did not converge: I - dPhi/dw is "
@@ -533,12 +546,27 @@ def solve_cg(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: Optional[fl
     return _finish(R, "cg", x, task_its, res, confirmed, batched)
 
 
-def _cg_raise(R, k: int, asym, sym_tol: float, singular, broke) -> None:
-    """Raise on CG's flags (one host read)."""
+def _probe_symmetric(R, matvec: MatVec, b, sym_tol: float):
+    """Per system: is <u, A v> = <A u, v> for two fixed random u, v (two products)? Confirms a gap seen in
+    a Krylov recurrence, whose vectors lose their meaning on singular or exhausted systems."""
+    gen = torch.Generator().manual_seed(0)
+    u, v = ([torch.randn(t.shape, generator=gen, dtype=t.dtype, device="cpu").to(t.device) for t in b]
+            for _ in range(2))
+    Au, Av = matvec(u), matvec(v)
+    n = lambda xs: R.sqrt(R.detach(R.dot(xs, xs)))
+    gap = abs(R.detach(R.dot(u, Av) - R.dot(Au, v))) / R.safe(n(u) * n(Av) + n(Au) * n(v))
+    return gap <= sym_tol
+
+
+def _cg_raise(R, k: int, asym, sym_tol: float, singular, broke, probe=None) -> bool:
+    """Raise on CG's flags (one host read); an asymmetry is confirmed by ``probe()`` first. True when the
+    probe found the operator symmetric (the recurrence's gap was rounding: stop checking it)."""
     if R.host:
         flags = [asym > sym_tol, singular, broke]
     else:
         flags = torch.stack([(asym > sym_tol).any(), singular.any(), broke.any()]).tolist()
+    if flags[0] and probe is not None and R.all(probe()):
+        return True
     if flags[0]:
         raise BreakdownError(f"cg needs a symmetric operator, but <u, A v> != <A u, v> (relative gap "
                              f"{float(R.top(asym, asym > sym_tol)):.1e} at iteration {k}, rounding explains "
@@ -551,6 +579,7 @@ def _cg_raise(R, k: int, asym, sym_tol: float, singular, broke) -> None:
     if flags[2]:
         raise BreakdownError(f"cg broke down at iteration {k}: p^T A p = 0 with a nonzero residual (an indefinite "
                              "system); use solver='minres' (symmetric) or 'gmres'")
+    return False
 
 
 def _rounding_floor(R, its, a_scale, x, b, eps: float):
@@ -619,7 +648,9 @@ def solve_minres(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: Optiona
                 exhausted = bool(frozen)
         converged = mon.check(k + 1, phibar, force=(k + 1 == maxiter or exhausted))
         if (k + 1) % mon.every == 0 or converged or k + 1 == maxiter or exhausted:
-            if _read(asym) > sym_tol:
+            if _read(asym) > sym_tol and _read(_probe_symmetric(_HostRows(), matvec, b, _sym_tol(b, _HostRows()))):
+                exhausted = True  # symmetric: the Lanczos vectors lost their meaning (a singular A)
+            elif _read(asym) > sym_tol:
                 raise BreakdownError(f"minres needs a symmetric operator, but <u, A v> != <A u, v> (relative "
                                      f"gap {_read(asym):.1e} at iteration {k + 1}); use solver='gmres'")
         if converged or exhausted:

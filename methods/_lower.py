@@ -180,15 +180,17 @@ def fp_residual(prev: Sequence[Tensor], y: Sequence[Tensor]) -> Tuple[float, flo
     return float(both[0]), float(both[1])
 
 
-GROWTH, STREAK, STREAK_GROWTH = 1e6, 10, 1e3
+GROWTH, STREAK, STREAK_GROWTH, MIN_GROWTH = 1e6, 10, 1e3, 1e2
 
 
 def check_lower(losses: Sequence[Tensor], norms: Sequence[Tensor], step_option: str,
                 what: str = "the lower") -> None:
     """NaN/Inf and divergence of a lower loop, from its per-step losses f_t and gradient norms g_t (tensors:
     one host read for the whole loop). Diverging: at some t, f_t > f_0 and either g_t > GROWTH g_0 or the
-    last STREAK steps all raised both f and g with g_t > STREAK_GROWTH g_0 (a descent step with a small
-    enough step size lowers f, so a rising loss with an exploding gradient means the step is too large).
+    last STREAK steps all raised both f and g with g_t > STREAK_GROWTH g_0; or, whatever f_0, the last
+    STREAK steps raised both with g_t > MIN_GROWTH min_s g_s (an unstable mode that started small). A
+    descent step with a small enough step size lowers f, so a rising loss with a growing gradient means the
+    step is too large; a saddle escape grows g but lowers f.
     Raise :class:`DivergenceError` naming ``step_option``, else :class:`NonFiniteError` at the first NaN."""
     if not norms:
         return
@@ -198,13 +200,16 @@ def check_lower(losses: Sequence[Tensor], norms: Sequence[Tensor], step_option: 
     f, g = rows
     finite = [a == a and b == b and abs(a) != float("inf") and abs(b) != float("inf") for a, b in zip(f, g)]
     end = finite.index(False) if False in finite else n
-    up = 0
+    up, g_min = 0, g[0] if end else 0.0
     for t in range(1, end):
         up = up + 1 if (f[t] > f[t - 1] and g[t] > g[t - 1]) else 0
-        if f[t] > f[0] and (g[t] > GROWTH * g[0] or (up >= STREAK and g[t] > STREAK_GROWTH * g[0])):
+        g_min = min(g_min, g[t])
+        rising = up >= STREAK and g[t] > MIN_GROWTH * g_min  # an unstable mode dominating: f need not pass f_0
+        if rising or (f[t] > f[0] and (g[t] > GROWTH * g[0] or (up >= STREAK and g[t] > STREAK_GROWTH * g[0]))):
             raise DivergenceError(
-                f"{what} iteration diverges: its gradient norm grew from {g[0]:.3e} to {g[t]:.3e} and its loss "
-                f"from {f[0]:.6g} to {f[t]:.6g} in {t} steps (of {len(norms)}); the step size {step_option} is "
+                f"{what} iteration diverges: its gradient norm grew from {g[0]:.3e} (smallest {g_min:.3e}) to "
+                f"{g[t]:.3e} and its loss from {f[0]:.6g} to {f[t]:.6g} in {t} steps (of {len(norms)}), rising over "
+                f"the last {up}; the step size {step_option} is "
                 f"too large for this problem (gradient descent needs step < 2/L, L the curvature of the lower "
                 f"loss): pass a smaller one, e.g. a tenth")
     if end < n or len(losses) != len(norms):

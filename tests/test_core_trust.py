@@ -401,3 +401,115 @@ def test_batched_scaling_the_outer_loss_scales_the_hypergradient(solver, dtype):
         res = hg.batched_hypergradient([w], [lam], fp, outer, solver=solver, K=500, set_grad=False)
         assert bool(res.converged.all()), (c, res.residual)
         assert rel_err(res.grads[0].double() / c, ref) <= (1e-9 if dtype == DT else 1e-4), c
+
+
+# second round: new instances of the classes, found by an independent tester -------------------------------
+
+def _hidden_unstable(rho, n=10, weight=1e-3):
+    """J symmetric with one eigenvalue rho > 1 whose eigenvector carries only ``weight`` of dE/dw."""
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=DT))
+    ev = torch.linspace(-0.3, 0.5, n, dtype=DT)
+    ev[-1] = rho
+    J = Q @ torch.diag(ev) @ Q.T
+    lam = torch.randn(n, generator=g, dtype=DT)
+    w = torch.linalg.solve(torch.eye(n, dtype=DT) - J, lam)
+    q = Q[:, -1]
+    d = torch.randn(n, generator=g, dtype=DT)
+    d = d - (d @ q) * q
+    d = d / d.norm() + weight * q
+    t = w - d
+    return J, w, lam.requires_grad_(True), (lambda ps, hs: 0.5 * ((ps[0] - t) ** 2).sum())
+
+
+@pytest.mark.parametrize("rho", [1.005, 1.02, 1.05])
+@pytest.mark.parametrize("K", [100, 300, 1000])
+def test_divergence_hidden_in_a_small_component_of_dE_dw_is_caught(rho, K):
+    J, w, lam, outer = _hidden_unstable(rho)
+    fp = lambda ps, hs: [J @ ps[0] + hs[0]]
+    for solver in ("fixed_point", "neumann"):
+        with pytest.raises(hg.DivergenceError):
+            hg.hypergradient([w], [lam], fp, outer, solver=solver, K=K, set_grad=False)
+    if rho >= 1.02:
+        with pytest.raises(hg.DivergenceError):
+            hg.stoch_AID([w], [lam], outer, K, fp_map=fp, set_grad=False, verbose=False)
+
+
+@pytest.mark.parametrize("a, n", [(2000.0, 2), (10.0, 6), (100.0, 2)])
+def test_a_contraction_with_transient_growth_is_not_called_divergent(a, n):
+    """Spectral radius 0.5, ||J|| = a: the residual first grows, then the iteration converges."""
+    J = 0.5 * torch.eye(n, dtype=DT) + a * torch.diag(torch.ones(n - 1, dtype=DT), 1) / (n - 1) ** 0.5
+    g = torch.Generator().manual_seed(0)
+    lam0, t = torch.randn(n, generator=g, dtype=DT), torch.randn(n, generator=g, dtype=DT)
+    w = torch.linalg.solve(torch.eye(n, dtype=DT) - J, lam0)
+    lam = lam0.clone().requires_grad_(True)
+    fp = lambda ps, hs: [J @ ps[0] + hs[0]]
+    outer = lambda ps, hs: 0.5 * ((ps[0] - t) ** 2).sum()
+    ref = torch.linalg.solve(torch.eye(n, dtype=DT) - J.T, w - t)
+    for solver in ("fixed_point", "neumann"):
+        res = hg.hypergradient([w], [lam], fp, outer, solver=solver, K=400, set_grad=False)
+        assert res.converged and rel_err(res.grads[0], ref) <= 1e-10
+    v, _ = hg.stoch_AID([w], [lam], outer, 400, fp_map=fp, set_grad=False, verbose=False)
+    assert rel_err(v[0], ref) <= 1e-10
+
+
+def test_a_far_off_small_tensor_is_not_hidden_by_a_large_converged_one():
+    g = torch.Generator().manual_seed(0)
+    A1 = torch.diag(torch.linspace(1.0, 2.0, 4, dtype=DT))
+    lam = torch.randn(4, generator=g, dtype=DT).requires_grad_(True)
+    fp = lambda ps, hs: [ps[0] - 0.3 * (A1 @ ps[0] - 1e5 * hs[0]), ps[1] - 0.3 * (ps[1] - hs[0][:2])]
+    w1 = torch.linalg.solve(A1, 1e5 * lam.detach())  # scale 1e5, exact
+    w2 = torch.zeros(2, dtype=DT)  # never solved: Phi(w2) - w2 = 0.3 lam[:2]
+    outer = lambda ps, hs: (ps[0] ** 2).sum() * 1e-10 + (ps[1] ** 2).sum()
+    res = hg.hypergradient([w1, w2], [lam], fp, outer, set_grad=False, fixed_point_tol=math.inf)
+    assert abs(res.fp_residual_rel - 1.0) <= 1e-12  # w2 is as far as it can be
+    with pytest.raises(hg.NotAFixedPointError):
+        hg.hypergradient([w1, w2], [lam], fp, outer, set_grad=False, fixed_point_tol=1e-4)
+
+
+def test_batched_per_task_rejects_an_outer_loss_that_couples_tasks():
+    B, n = 5, 4
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(B, n, generator=g, dtype=DT)
+    lam = torch.randn(B, n, generator=g, dtype=DT).requires_grad_(True)
+    fp = lambda ps, hs: [0.5 * ps[0] + 0.5 * hs[0]]
+    coupled = lambda ps, hs: ((ps[0] - ps[0].mean(0)) ** 2).sum(1)  # E_b reads every task
+    with pytest.raises(ValueError, match="outer_loss mixes tasks"):
+        hg.batched_hypergradient([W], [lam], fp, coupled, per_task=True, set_grad=False, fixed_point_tol=math.inf)
+    res = hg.batched_hypergradient([W], [lam], fp, coupled, set_grad=False, fixed_point_tol=math.inf)
+    assert res.grads[0].shape == lam.shape  # the sum over tasks is still the hypergradient of sum_b E_b
+
+
+def test_reverse_unroll_with_one_of_several_params_detached_raises():
+    p = ridge()
+    lam = p["lam"]
+    b = torch.zeros((), dtype=DT, requires_grad=True)
+    inner = lambda ps, hs: p["inner_loss"]([ps[0]], hs) + ((ps[1] - hs[0].sum()) ** 2)
+    fp = hg.GradientDescent(inner, p["step"])
+    w = [torch.zeros(8, dtype=DT, requires_grad=True), b]
+    for _ in range(50):
+        w = fp(w, [lam])
+    with pytest.raises(ValueError, match=r"params\[1\]"):
+        hg.reverse_unroll([w[0], w[1].detach().requires_grad_()], [lam], p["outer_loss"], set_grad=False)
+    hg.reverse_unroll(w, [lam], p["outer_loss"], set_grad=False)  # the whole graph: fine
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_minres_on_an_unused_params_tensor_reports_singularity_not_asymmetry(seed):
+    """A params tensor Phi leaves alone (J block = I) that the outer loss reads: symmetric, singular,
+    inconsistent. minres's Lanczos gap grows there; a probe tells asymmetry from singularity."""
+    p = ridge(d=5)
+    w2 = torch.randn(3, generator=torch.Generator().manual_seed(seed), dtype=DT)
+    outer = lambda ps, hs: p["outer_loss"]([ps[0]], hs) + (ps[1] ** 2).sum()
+    fp = hg.GradientDescent(lambda ps, hs: p["inner_loss"]([ps[0]], hs), 0.005)
+    for solver in ("minres", "cg", "dense"):
+        with pytest.raises(hg.SingularSystemError):
+            hg.hypergradient([p["w_star"], w2], [p["lam"]], fp, outer, solver=solver, K=2000, set_grad=False)
+
+
+def test_a_loose_absolute_tol_relative_to_dE_dw_is_said():
+    p = ridge()
+    fp = hg.GradientDescent(p["inner_loss"], p["step"])
+    small = lambda ps, hs: 1e-9 * p["outer_loss"](ps, hs)  # ||dE/dw|| ~ 1e-8: tol 1e-10 is 1e-2 of it
+    with pytest.warns(UserWarning, match="accurate only to about tol"):
+        hg.cg([p["w_star"]], [p["lam"]], 100, fp, small, set_grad=False)

@@ -273,3 +273,16 @@ def test_implicit_float64_keeps_the_reference_documentations_absolute_tolerance(
     loose = methods.implicit_hypergradient([P["y0"]], [x], f64, F64, 100, 0.2, K=50, tol=1e-2, set_grad=False)
     tight = methods.implicit_hypergradient([P["y0"]], [x], f64, F64, 100, 0.2, K=50, tol=1e-12, set_grad=False)
     assert loose.iterations < tight.iterations and loose.residual <= 1e-2 and tight.residual <= 1e-12
+
+
+@pytest.mark.parametrize("lr, T, top", [(0.55, 30, 1.0), (0.525, 50, 1.0), (0.6, 40, 1e-6), (0.7, 30, 1e-10)])
+def test_divergence_just_above_2_over_L_is_caught_even_when_the_loss_stays_below_its_start(lr, T, top):
+    """|1 - lr L| = 1.05..1.8 per step on the top mode, which may start tiny (the loss then never passes f_0)."""
+    evals, Q = torch.linalg.eigh(P["A"])
+    y0 = P["y_star"](P["x0"]) + 0.5 * Q[:, 0] + top * Q[:, -1]
+    ll, ul = quadratic_objectives(P)
+    for make in (lambda um, lm: methods.Dynamic(ll, T, um, ul, lm, lr=lr),
+                 lambda um, lm: methods.Implicit(ul, um, ll, lm, lr, 20, lower_loop=T)):
+        um, lm = Vec(P["x0"], "x"), Vec(y0, "y")
+        with pytest.raises(DivergenceError, match="lr"):
+            make(um, lm).compute_gradients(None, None, None, None)
