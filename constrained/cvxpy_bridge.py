@@ -110,6 +110,23 @@ def _set_parameters(parameters: Sequence[cp.Parameter], values: Sequence[Tensor]
                                     "(pass a value in its declared set, or drop the attribute)") from e
 
 
+_SIGN_ATTRIBUTES = ("nonneg", "nonpos", "pos", "neg", "boolean", "integer", "PSD", "NSD", "bounds")
+
+
+def _check_variables(variables: Sequence[cp.Variable]) -> None:
+    """Variables declared with a constraint-like attribute (``nonneg=True``, ``bounds=``...) hide that
+    constraint from ``problem.constraints``: it has no dual there, so the KKT map would silently miss it
+    whenever it is active. Reject them with the fix."""
+    for i, var in enumerate(variables):
+        found = [a for a in _SIGN_ATTRIBUTES if var.attributes.get(a) not in (None, False)]
+        if found:
+            raise CvxpyProblemError(
+                f"variables[{i}] ({var.name()}) is declared with {found[0]}=...: that bound is not among the "
+                "problem's constraints, so it has no dual and the KKT map cannot include it (its hypergradient "
+                f"would be wrong whenever the bound is active). Declare cp.Variable({var.shape}) and write the bound "
+                "as an explicit constraint (e.g. y >= 0) in the cvxpy problem and in the torch model's ineq")
+
+
 def solve_cvxpy(problem: cp.Problem, parameters: Sequence[cp.Parameter], values: Sequence[Tensor],
                 variables: Sequence[cp.Variable], *, ineq=None, eq=None,
                 torch_problem: Optional[ConstrainedProblem] = None, hparams: Optional[Sequence[Tensor]] = None,
@@ -127,6 +144,7 @@ def solve_cvxpy(problem: cp.Problem, parameters: Sequence[cp.Parameter], values:
     cvxpy's own refusals (DCPError, DPPError, ...) raise :class:`CvxpyProblemError`.
     """
     ineq, eq = split_constraints(problem, ineq, eq)
+    _check_variables(variables)
     _set_parameters(parameters, values)
     ref = values[0] if values else None
     dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float64
@@ -182,6 +200,7 @@ def check_model(torch_problem: ConstrainedProblem, problem: cp.Problem, paramete
     and x (:mod:`constrained.model_check`), then the KKT conditions. A disagreement of the models raises
     :class:`ModelMismatchError`; a KKT failure of agreeing models :class:`InaccurateSolveError`."""
     ineq, eq = split_constraints(problem, ineq, eq)
+    _check_variables(variables)
     _set_parameters(parameters, values)
     for var, t in zip(variables, params):
         var.value = t.detach().cpu().double().numpy().reshape(var.shape)
@@ -245,6 +264,7 @@ class DualLayer:
         self.problem, self.parameters, self.torch_problem, self.check_tol = problem, list(parameters), torch_problem, \
             check_tol
         self.variables = list(variables)
+        _check_variables(self.variables)
         duals = [c.dual_variables[0] for c in self.ineq + self.eq]
         try:
             self.layer = CvxpyLayer(problem, parameters=list(parameters), variables=self.variables + duals,

@@ -116,7 +116,7 @@ def batched_hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], f
             raise ValueError("fp_map(params, hparams) returned tensors without a graph (detached, .data, or "
                              "computed under torch.no_grad()): build its output from params and hparams")
         fp_abs, fp_rel = _fp_residuals(mapped, params)
-        check_fixed_point(fp_abs.tolist(), fp_rel.tolist(), fixed_point_tol)
+        check_fixed_point(fp_abs.tolist(), fp_rel.tolist(), fixed_point_tol, params[0].dtype)
         if check_tasks and B > 1:
             _check_separable(mapped, params)
             if per_task:  # per-task hypergradients also need E_b to depend on task b only (the sum does not)

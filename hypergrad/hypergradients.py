@@ -22,8 +22,14 @@ from . import tensor_list as tl
 from .errors import DivergenceError, FixedPointWarning, NotAFixedPointError
 from .linear_solvers import CONTRACTION_GROWTH, SOLVERS, _Monitor
 
-#: relative fixed-point residual above which ``hypergradient`` warns by default (``fixed_point_tol=None``)
+#: relative fixed-point residual above which ``hypergradient`` warns by default (``fixed_point_tol=None``),
+#: in float64; lower precisions warn above 1e5 eps (float32: 1.2e-2), where their own rounding reaches
 FIXED_POINT_WARN_RTOL = 1e-3
+
+
+def fixed_point_warn_rtol(dtype: torch.dtype) -> float:
+    """The default warning level of the relative fixed-point residual for ``dtype``."""
+    return min(0.1, max(FIXED_POINT_WARN_RTOL, 1e5 * torch.finfo(dtype).eps))
 
 FpMap = Callable[[List[Tensor], List[Tensor]], List[Tensor]]
 OuterLoss = Callable[[List[Tensor], List[Tensor]], Tensor]
@@ -77,9 +83,9 @@ class _FixedPointSystem:
         return out
 
     def residual(self) -> tuple:
-        """(||Phi(w) - w||, max_i ||Phi_i(w) - w_i|| / max(||w_i||, ||Phi_i(w)||, sqrt(eps) S)) over the params
-        tensors i (S the largest of those scales): a small tensor far from its fixed point is not hidden by a
-        large converged one."""
+        """(||Phi(w) - w||, max_i ||Phi_i(w) - w_i|| / max(||w_i||, ||Phi_i(w)||, 1e-3 S)) over the params
+        tensors i (S the largest of those scales): a tensor far from its fixed point is not hidden by a larger
+        converged one."""
         d, rel = fixed_point_residuals([p.detach() for p in self.params], [m.detach() for m in self.mapped()],
                                        lambda xs, ys: torch.stack([(x * y).sum() for x, y in zip(xs, ys)]))
         a, r = torch.stack([d, rel]).tolist()
@@ -164,7 +170,7 @@ def hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], fp_map: F
             still gives dPhi/dlambda.
         fixed_point_tol: the largest accepted ``fp_residual_rel`` (see :class:`HypergradResult`): above it,
             :class:`NotAFixedPointError`. None: a :class:`FixedPointWarning` above
-            :data:`FIXED_POINT_WARN_RTOL` (1e-3). ``math.inf``: no check.
+            :func:`fixed_point_warn_rtol` (1e-3 in float64, 1.2e-2 in float32). ``math.inf``: no check.
         solver_options: passed to the solver (``check_every``, ``divergence_factor``, ``restart``); unknown
             names are an error listing the valid ones.
     """
@@ -175,7 +181,7 @@ def hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], fp_map: F
         params, hparams, g_w, g_h = _prepare(params, hparams, outer_loss, create_graph)
         system = _FixedPointSystem(params, hparams, fp_map, stochastic, create_graph, operator)
         fp_abs, fp_rel = system.residual()
-        check_fixed_point(fp_abs, fp_rel, fixed_point_tol)
+        check_fixed_point(fp_abs, fp_rel, fixed_point_tol, params[0].dtype)
         options = dict(maxiter=K, tol=tol, rtol=rtol, **solver_options)
         if solver == "cg" and stochastic:
             options.setdefault("check_symmetry", False)  # a different operator at every product
@@ -201,7 +207,8 @@ def fixed_point_residuals(params, mapped, dots):
     diff = [m - p for m, p in zip(mapped, params)]
     d2, w2, m2 = dots(diff, diff), dots(params, params), dots(mapped, mapped)
     scale = torch.maximum(w2, m2).sqrt()
-    floor = math.sqrt(torch.finfo(params[0].dtype).eps) * scale.max(0).values
+    floor = 1e-3 * scale.max(0).values  # tensors 1000x smaller than the largest (multipliers, momentum buffers
+    # at zero) count at that scale: their rounding-level residuals are no alarm, a far-off O(1) tensor still is
     rel = d2.sqrt() / torch.maximum(scale, floor)
     rel = torch.where(d2 > 0, rel, torch.zeros_like(rel))  # 0/0: a zero tensor that maps to zero
     return d2.sum(0).sqrt(), rel.max(0).values
@@ -226,7 +233,7 @@ def check_solver_call(solver: str, solvers: dict, K, options: dict) -> int:
     return K
 
 
-def check_fixed_point(fp_abs, fp_rel, fixed_point_tol: Optional[float]) -> None:
+def check_fixed_point(fp_abs, fp_rel, fixed_point_tol: Optional[float], dtype: torch.dtype = torch.float64) -> None:
     """Raise (``fixed_point_tol`` given) or warn (None) when params are far from a fixed point."""
     if fixed_point_tol is not None and (isinstance(fixed_point_tol, bool) or not fixed_point_tol >= 0):
         raise ValueError(f"fixed_point_tol must be a number >= 0 (math.inf: no check), got {fixed_point_tol!r}")
@@ -239,8 +246,8 @@ def check_fixed_point(fp_abs, fp_rel, fixed_point_tol: Optional[float]) -> None:
     if fixed_point_tol is not None:
         if worst > fixed_point_tol:
             raise NotAFixedPointError(f"{msg} (fixed_point_tol={fixed_point_tol:g})")
-    elif worst > FIXED_POINT_WARN_RTOL:  # a fixed text: Python shows it once per call site, not every step
-        warnings.warn(f"params are not a fixed point of fp_map: ||Phi(w) - w|| / ||w|| > {FIXED_POINT_WARN_RTOL:g} "
+    elif worst > fixed_point_warn_rtol(dtype):  # a fixed text: shown once per call site, not every step
+        warnings.warn(f"params are not a fixed point of fp_map: ||Phi(w) - w|| / ||w|| > {fixed_point_warn_rtol(dtype):g} "
                       "(the result's fp_residual_rel has the value); the implicit hypergradient is exact only at a "
                       "fixed point (its error grows like ||Phi(w) - w|| / (1 - rho), rho the contraction factor): run "
                       "the inner solver longer, or pass fixed_point_tol=math.inf to accept it", FixedPointWarning,

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import constrained as C
+import hypergrad
 from constrained_problems import DT, planted_cvxpy, planted_qp, rel_err
 
 CASE = dict(n=8, m=6, k=2, d=3, n_active=3, seed=0)
@@ -305,3 +306,37 @@ def test_nonlinear_models_pass_and_a_detached_one_is_caught(dtype):
         C.solve_cvxpy(logp, [a], [A], [y], torch_problem=model)
     sol = C.solve_cvxpy(logp, [a], [A], [y], torch_problem=model, **TIGHT)
     assert float(sol.params[0].min()) < 0.05
+
+
+# second round: new instances from an independent tester ----------------------------------------------------
+
+def test_an_accurate_kkt_point_with_a_tiny_active_multiplier_is_no_fixed_point_alarm():
+    """mu ~ 1e-6 on an active constraint: the multiplier block's residual is the solver's accuracy over a
+    tiny norm, not a sign that the point is off (the hypergradient is exact: [0, 1, 1, 1], 2)."""
+    import warnings as _w
+    y, a, b = cp.Variable(4), cp.Parameter(4), cp.Parameter()
+    prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(y - a)), [y[0] - b <= 0])
+    A = torch.tensor([0.5 + 1e-6, 3.0, -2.0, 1.0], dtype=torch.float64, requires_grad=True)
+    Bv = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    tp = C.ConstrainedProblem(lambda p, h: 0.5 * ((p[0] - h[0]) ** 2).sum(),
+                              ineq=lambda p, h: (p[0][0] - h[1]).reshape(1))
+    sol = C.solve_cvxpy(prob, [a, b], [A, Bv], [y], torch_problem=tp, tol_gap_abs=1e-13, tol_gap_rel=1e-13,
+                        tol_feas=1e-13)
+    w = torch.tensor([2.0, 1.0, 1.0, 1.0], dtype=torch.float64)
+    with _w.catch_warnings():
+        _w.simplefilter("error", hypergrad.FixedPointWarning)
+        res = C.hypergradient(tp, sol.params, [A, Bv], lambda p, h: w @ p[0], sol.mu, set_grad=False)
+    assert torch.allclose(res.grads[0], torch.tensor([0.0, 1, 1, 1], dtype=torch.float64), atol=1e-6)
+    assert abs(float(res.grads[1]) - 2.0) <= 1e-6
+
+
+def test_variables_with_constraint_attributes_are_rejected_with_the_fix():
+    """cp.Variable(nonneg=True) hides its bound from problem.constraints (no dual): the KKT map would miss it."""
+    y, a = cp.Variable(3, nonneg=True), cp.Parameter(3)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(y - a)), [cp.sum(y) <= 2])
+    A = torch.tensor([1.0, -0.5, 0.3], dtype=torch.float64, requires_grad=True)
+    tp = C.ConstrainedProblem(lambda p, h: ((p[0] - h[0]) ** 2).sum(), ineq=lambda p, h: (p[0].sum() - 2).reshape(1))
+    with pytest.raises(C.CvxpyProblemError, match="explicit constraint"):
+        C.solve_cvxpy(prob, [a], [A], [y], torch_problem=tp)
+    with pytest.raises(C.CvxpyProblemError, match="nonneg"):
+        C.DualLayer(prob, [a], [y])

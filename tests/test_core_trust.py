@@ -462,7 +462,10 @@ def test_a_far_off_small_tensor_is_not_hidden_by_a_large_converged_one():
     w2 = torch.zeros(2, dtype=DT)  # never solved: Phi(w2) - w2 = 0.3 lam[:2]
     outer = lambda ps, hs: (ps[0] ** 2).sum() * 1e-10 + (ps[1] ** 2).sum()
     res = hg.hypergradient([w1, w2], [lam], fp, outer, set_grad=False, fixed_point_tol=math.inf)
-    assert abs(res.fp_residual_rel - 1.0) <= 1e-12  # w2 is as far as it can be
+    S = torch.linalg.solve(A1, 1e5 * lam.detach()).norm()  # w1's scale; w2 counts at least at 1e-3 S
+    expect = (0.3 * lam.detach()[:2]).norm() / max((0.3 * lam.detach()[:2]).norm(), 1e-3 * S)
+    assert abs(res.fp_residual_rel - float(expect)) <= 1e-12 * float(expect) and res.fp_residual_rel > 1e-3
+    assert res.fp_residual / (S ** 2 + (0.3 * lam.detach()[:2]).norm() ** 2).sqrt() < 1e-4  # one global norm hides it
     with pytest.raises(hg.NotAFixedPointError):
         hg.hypergradient([w1, w2], [lam], fp, outer, set_grad=False, fixed_point_tol=1e-4)
 
@@ -513,3 +516,19 @@ def test_a_loose_absolute_tol_relative_to_dE_dw_is_said():
     small = lambda ps, hs: 1e-9 * p["outer_loss"](ps, hs)  # ||dE/dw|| ~ 1e-8: tol 1e-10 is 1e-2 of it
     with pytest.warns(UserWarning, match="accurate only to about tol"):
         hg.cg([p["w_star"]], [p["lam"]], 100, fp, small, set_grad=False)
+
+
+def test_rounding_in_a_zero_or_small_tensor_is_no_fixed_point_alarm():
+    """A momentum buffer at its fixed point 0, or a small KKT multiplier, has a rounding-level residual that
+    is large relative to its own zero or tiny norm: not an alarm."""
+    p = ridge()
+    w32 = p["w_star"].float()
+    lam32 = p["lam"].detach().float().requires_grad_(True)
+    inner = lambda ps, hs: p["inner_loss"]([ps[0].double()], [hs[0].double()]).float()
+    outer = lambda ps, hs: p["outer_loss"]([ps[0].double()], hs).float()
+    opt = hg.Momentum(inner, p["step"], 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hg.FixedPointWarning)
+        res = hg.hypergradient([w32, torch.zeros_like(w32)], [lam32], opt, outer, solver="gmres", K=100,
+                               set_grad=False)
+    assert rel_err(res.grads[0].double(), p["ref"]) <= 1e-4
