@@ -573,9 +573,11 @@ def _cg_raise(R, k: int, asym, sym_tol: float, singular, broke, probe=None) -> b
                              f"{sym_tol:.1e}): I - dPhi/dw is not symmetric (momentum maps, non-normal maps); use "
                              "solver='gmres'")
     if flags[1]:
-        raise SingularSystemError(f"cg: I - dPhi/dw is singular (p^T A p at rounding level at iteration {k} while the "
-                                  "residual is large): the hypergradient is not defined unless dE/dw is in the range of "
-                                  "the operator; solver='minres' returns the least-squares adjoint when it is")
+        raise SingularSystemError(f"cg: I - dPhi/dw is singular, or numerically singular in this dtype (||A p|| / ||p|| "
+                                  f"at the rounding level of ||A|| at iteration {k}, condition number >~ 1/(100 eps), "
+                                  "while the residual is large): the hypergradient is not defined unless dE/dw is in the "
+                                  "range of the operator (solver='minres' then returns the least-squares adjoint); if the "
+                                  "system is only ill-conditioned, use float64")
     if flags[2]:
         raise BreakdownError(f"cg broke down at iteration {k}: p^T A p = 0 with a nonzero residual (an indefinite "
                              "system); use solver='minres' (symmetric) or 'gmres'")
@@ -661,7 +663,8 @@ def solve_minres(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: Optiona
         raise NonFiniteError("minres: NaN or Inf in the final iterate")
     if exhausted and not converged and true_res > max(mon.threshold, math.sqrt(eps) * mon.r0):
         raise SingularSystemError(
-            f"minres: I - dPhi/dw is singular and dE/dw is not in its range (the least-squares residual "
+            f"minres: I - dPhi/dw is singular (or numerically singular in this dtype: then use float64) and dE/dw is "
+            f"not in its range (the least-squares residual "
             f"{true_res:.3e} stays above the tolerance {mon.threshold:.3e}): the hypergradient is not defined at "
             "this point (check that params are at a fixed point and that the inner problem has a unique solution)")
     return x, SolveInfo("minres", its + 1, true_res, converged and true_res <= max(mon.threshold, 10 * mon.residual))
@@ -735,6 +738,8 @@ def solve_dense(matvec: MatVec, b, x0=None, *, maxiter: Optional[int] = None, to
                 rtol: Optional[float] = None, matmat: Optional[Callable[[], Optional[Tensor]]] = None):
     """Materialize A (``matmat()``, e.g. one batched product; else n products) and solve it by
     :func:`solve_matrix`. For small systems only (n up to a few thousand)."""
+    if x0 is not None:  # a direct solve needs no start, but a bad one is still the caller's error
+        tl.check_finite(tl.check_like(x0, b, "v0 (warm start)", "the adjoint"), ["v0 (warm start)"] * len(b))
     flat_b = tl.flatten(b)
     n = flat_b.numel()
     A = matmat() if matmat is not None else None

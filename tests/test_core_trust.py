@@ -532,3 +532,24 @@ def test_rounding_in_a_zero_or_small_tensor_is_no_fixed_point_alarm():
         res = hg.hypergradient([w32, torch.zeros_like(w32)], [lam32], opt, outer, solver="gmres", K=100,
                                set_grad=False)
     assert rel_err(res.grads[0].double(), p["ref"]) <= 1e-4
+
+
+def test_dense_checks_its_warm_start_like_every_solver():
+    p = ridge()
+    fp = hg.GradientDescent(p["inner_loss"], p["step"])
+    args = ([p["w_star"]], [p["lam"]], fp, p["outer_loss"])
+    for bad, err in (([torch.zeros(5, dtype=DT)], ValueError), ([torch.zeros(8, dtype=torch.float32)], TypeError),
+                     ([torch.full((8,), float("nan"), dtype=DT)], hg.NonFiniteError)):
+        with pytest.raises(err, match="v0"):
+            hg.hypergradient(*args, solver="dense", v0=bad, set_grad=False)
+
+
+def test_float32_numerical_singularity_says_so():
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=DT))
+    M = (Q @ torch.diag(torch.logspace(0, 6, 4, dtype=DT)) @ Q.T * 1e-6).float()  # kappa 1e6: 0.12 / eps32
+    w, lam, outer, _ = linear_problem(M.double(), dtype=torch.float32)
+    try:
+        hg.hypergradient([w], [lam], linear_map(M), outer, solver="minres", K=100, set_grad=False)
+    except hg.SingularSystemError as e:
+        assert "float64" in str(e)
