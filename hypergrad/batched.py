@@ -24,6 +24,7 @@ from . import tensor_list as tl
 from .errors import NonFiniteError
 from .hypergradients import check_fixed_point, check_solver_call, fixed_point_residuals
 from .linear_solvers import SOLVERS, SolveInfo, baxpy, bdot  # noqa: F401 (bdot, baxpy: public)
+from .linear_solvers import _systems as _tasks
 
 BatchMatVec = Callable[[List[Tensor]], List[Tensor]]
 
@@ -47,11 +48,6 @@ class BatchedHypergradResult:
     solver: str
     fp_residual: Optional[Tensor] = None
     fp_residual_rel: Optional[Tensor] = None
-
-
-def _tasks(mask: Tensor, show: int = 8) -> str:
-    idx = mask.nonzero().flatten().tolist()
-    return ", ".join(map(str, idx[:show])) + (f", ... ({len(idx)} in all)" if len(idx) > show else "")
 
 
 def _task_count(params: Sequence[Tensor]) -> int:
