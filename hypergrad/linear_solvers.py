@@ -400,6 +400,42 @@ def solve_neumann(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: Option
                        batched)
 
 
+class _Contraction:
+    """The non-contraction rules of a residual sequence ||(J^T)^k r0|| (fixed point, Neumann, stoch_AID), per
+    system, read on check iterations. During the run: a residual that grew at 10 checks in a row to
+    CONTRACTION_GROWTH times its smallest value (a non-normal contraction's transient growth is brief). Out of
+    iterations and not converged: a residual above its start, or grown at the last ``run`` checks in a row
+    above 10 ``floor`` (rounding noise does not grow that long). Both raise :class:`DivergenceError`."""
+
+    def __init__(self, mon: _Monitor, name: str, hint: str, maxiter: int, every: int):
+        self.mon, self.R, self.name, self.hint = mon, mon.R, name, hint
+        self.best, self.last, self.up, self.floor = mon.r0 * 1.0, mon.r0 * 1.0, mon.R.zeros(mon.r0), None
+        self.run = max(5, min(50, (maxiter // every) // 4))
+
+    def check(self, it: int, res, floor, active) -> None:
+        R, self.floor = self.R, floor
+        self.up, self.last = R.where(res > self.last, self.up + 1, R.zeros(res)), res
+        grew = active & (self.up >= 10) & (res > CONTRACTION_GROWTH * R.maximum(self.best, floor))
+        if R.any(grew):
+            raise DivergenceError(f"{self.name} diverges{self.mon._of(grew)}: residual {R.top(res, grew):.3e} after "
+                                  f"{it} iterations, {CONTRACTION_GROWTH:g}x its smallest value "
+                                  f"{R.top(self.best, grew):.3e}{self.hint}")
+        self.best = R.minimum(self.best, res)
+
+    def check_end(self, it: int, res, converged) -> None:
+        if self.floor is None:  # no check iteration ran
+            return
+        R = self.R
+        rising = (self.up >= self.run) & (res > 10 * self.floor)
+        worse = R.not_(converged) & ((res > R.maximum(self.mon.r0, self.floor)) | rising)
+        if R.any(worse):
+            raise DivergenceError(f"{self.name} did not contract{self.mon._of(worse)}: after {it} iterations the "
+                                  f"residual {R.top(res, worse):.3e} (start {R.top(self.mon.r0, worse):.3e}, smallest "
+                                  f"{R.top(self.best, worse):.3e}) is above its start or growing steadily, so the "
+                                  f"result is no approximation of the solution{self.hint} (or, for a non-normal "
+                                  "contraction still in its transient growth, a larger K)")
+
+
 def _richardson(name, neumann, matvec, b, x0, maxiter, tol, rtol, check_every, divergence_factor, batched):
     """Fixed-point iteration or Neumann series on rows (per-system stopping: a converged row stops moving).
     Both residuals are ||(J^T)^k r0||, so their growth measures the contraction of J directly."""
@@ -413,8 +449,7 @@ def _richardson(name, neumann, matvec, b, x0, maxiter, tol, rtol, check_every, d
     mon = _Monitor(name, b, res, tol, rtol, check_every, divergence_factor, cold=x0 is None, rows=R)
     active = res > mon.threshold
     task_its, one, zero = R.full(res, its), R.full(res, 1.0), R.zeros(res)
-    best, floor, k, last, up = mon.r0 * 1.0, None, 0, mon.r0 * 1.0, R.zeros(res)
-    run = max(5, min(50, (maxiter // mon.every) // 4))  # checks of steady growth that prove non-contraction
+    contraction, k = _Contraction(mon, name, hint, maxiter, mon.every), 0
     for k in range(maxiter):
         if k % mon.every == 0 and not R.any(active):
             break
@@ -429,28 +464,10 @@ def _richardson(name, neumann, matvec, b, x0, maxiter, tol, rtol, check_every, d
         active = active & (res > mon.threshold)
         if mon.check_now(k + 1, k + 1 == maxiter):
             mon.raise_if_bad(k + 1, res)
-            res_d = R.detach(res)
             floor = 100 * mon.eps * (mon.bnorm + R.detach(R.sqrt(R.dot(x, x))))
-            up = R.where(res_d > last, up + 1, R.zeros(res))  # consecutive checks with a growing residual
-            last = res_d
-            # steady growth to 1000x the smallest residual: a transient of a non-normal contraction is brief
-            grew = active & (up >= 10) & (res_d > CONTRACTION_GROWTH * R.maximum(best, floor))
-            if R.any(grew):
-                raise DivergenceError(f"{name} diverges{mon._of(grew)}: residual {R.top(res_d, grew):.3e} after "
-                                      f"{k + 1} iterations, {CONTRACTION_GROWTH:g}x its smallest value "
-                                      f"{R.top(best, grew):.3e}{hint}")
-            best = R.minimum(best, res_d)
+            contraction.check(k + 1, R.detach(res), floor, active)
     converged = res <= mon.threshold
-    if floor is not None:  # out of iterations: a residual above its start, or growing steadily at the end
-        res_d = R.detach(res)
-        rising = (up >= run) & (res_d > 10 * floor)  # `run` growing checks in a row, above rounding noise
-        worse = R.not_(converged) & ((res_d > R.maximum(mon.r0, floor)) | rising)
-        if R.any(worse):
-            raise DivergenceError(f"{name} did not contract{mon._of(worse)}: after {k + 1} iterations the residual "
-                                  f"{R.top(res, worse):.3e} (start {R.top(mon.r0, worse):.3e}, smallest "
-                                  f"{R.top(best, worse):.3e}) is above its start or growing steadily, so the result "
-                                  f"is no approximation of the solution{hint} (or, for a non-normal contraction "
-                                  "still in its transient growth, a larger K)")
+    contraction.check_end(k + 1, R.detach(res), converged)
     return _finish(R, name, x, task_its, res, converged, batched)
 
 
