@@ -39,7 +39,7 @@ class BatchedHypergradResult:
     """``grads`` (one per hparam; summed over tasks for shared hparams unless ``per_task``), the
     adjoints ``v`` (leading dimension B: pass back as ``v0``), per-task [B] diagnostics of the adjoint
     solve, and per-task inner fixed-point residuals ``fp_residual`` = ||Phi_b(w) - w_b|| (absolute) and
-    ``fp_residual_rel`` (relative to max(||w_b||, ||Phi_b(w)||))."""
+    ``fp_residual_rel`` (per tensor, as :class:`hypergrad.HypergradResult`'s)."""
     grads: List[Tensor]
     v: List[Tensor]
     iterations: Tensor

@@ -41,7 +41,8 @@ class HypergradResult:
     """``grads`` (one per hparam), the adjoint ``v`` (pass it back as ``v0`` to warm-start the next
     outer step), the solver's ``iterations`` (products with dPhi/dw^T), final ``residual``, ``converged``
     (of the adjoint solve), and the inner fixed-point residual ``fp_residual`` = ||Phi(w) - w|| with
-    ``fp_residual_rel`` = ||Phi(w) - w|| / max(||w||, ||Phi(w)||).
+    ``fp_residual_rel`` = max_i ||Phi_i(w) - w_i|| / max(||w_i||, ||Phi_i(w)||, 1e-3 S) over the params tensors i
+    (S the largest of those scales; see :func:`fixed_point_residuals`).
 
     The hypergradient is exact only at a fixed point. For a map that contracts with factor rho,
     ||w - w*|| <= ||Phi(w) - w|| / (1 - rho), and the error of the hypergradient is O(||w - w*||) (its

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from hypergrad import tensor_list as tl
 from hypergrad.errors import DivergenceError, NonFiniteError
+from hypergrad.hypergradients import fixed_point_residuals
 
 TensorList = List[Tensor]
 Loss = Callable[[TensorList, TensorList], Tensor]
@@ -170,13 +171,12 @@ def descend(params: Sequence[Tensor], grad_fn: Callable[[TensorList, int, bool],
 
 
 def fp_residual(prev: Sequence[Tensor], y: Sequence[Tensor]) -> Tuple[float, float]:
-    """(||Phi(w) - w||, ||Phi(w) - w|| / max(||w||, ||Phi(w)||)) for one step w = ``prev`` -> Phi(w) = ``y``
-    (0 relative residual when both are 0). One host read, after the loop."""
+    """(||Phi(w) - w||, the core's relative residual: the largest per tensor, see
+    :class:`hypergrad.HypergradResult`) for one step w = ``prev`` -> Phi(w) = ``y``. One host read, after the loop."""
+    dots = lambda xs, ys: torch.stack([(a * b).sum() for a, b in zip(xs, ys)])
     with torch.no_grad():
-        d = torch.sqrt(sq_norm([a.detach() - b.detach() for a, b in zip(y, prev)]))
-        scale = torch.maximum(torch.sqrt(sq_norm([w.detach() for w in prev])),
-                              torch.sqrt(sq_norm([w.detach() for w in y])))
-        both = torch.stack([d, torch.where(scale > 0, d / scale, torch.zeros_like(d))]).tolist()
+        d, rel = fixed_point_residuals([w.detach() for w in prev], [w.detach() for w in y], dots)
+        both = torch.stack([d, rel]).tolist()
     return float(both[0]), float(both[1])
 
 

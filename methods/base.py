@@ -61,9 +61,9 @@ class Result:
     """What every solver function returns: one gradient per hparam, the final lower iterate ``params``
     (detached), the ``upper_loss`` that was differentiated, ``lower_grad_norm``, the norm of the last
     lower gradient evaluated, and the inner fixed-point residual ``fp_residual`` = ||Phi(y) - y|| with
-    ``fp_residual_rel`` = ||Phi(y) - y|| / max(||y||, ||Phi(y)||), Phi the lower step (how far y is from a
-    lower solution: ||y - y*|| <= ||Phi(y) - y|| / (1 - rho) for a contraction with factor rho). Subclasses
-    add their own diagnostics."""
+    ``fp_residual_rel`` the core's relative residual (per tensor, see :class:`hypergrad.HypergradResult`),
+    Phi the lower step (how far y is from a lower solution: ||y - y*|| <= ||Phi(y) - y|| / (1 - rho) for a
+    contraction with factor rho). Subclasses add their own diagnostics."""
     grads: List[Tensor]
     params: List[Tensor]
     upper_loss: Tensor
