@@ -4,8 +4,10 @@
 
 ``hypergrad.cg(params, hparams, K, fp_map, outer_loss)`` returns dE/dlambda (and adds it to
 ``hparam.grad``); :func:`hypergradient` is the general entry with a choice of solver and diagnostics.
+:class:`FixedPointLayer` (and :func:`custom_root`, :func:`custom_fixed_point`) return w(lambda) as tensors in
+the caller's graph: ``loss.backward()``, ``torch.func`` transforms and every order of derivative are implicit.
 """
-from .errors import (BreakdownError, DivergenceError, FixedPointWarning, HypergradError, NonFiniteError,
+from .errors import (BreakdownError, ConvergenceError, DivergenceError, FixedPointWarning, HypergradError, NonFiniteError,
                      NotAFixedPointError, SingularSystemError)
 from . import distributed
 from .batched import BATCHED_SOLVERS, BatchedHypergradResult, BatchedSolveInfo, batched_hypergradient
@@ -20,6 +22,8 @@ from .inner_optimizers import (DifferentiableOptimizer, GradientDescent, HeavyBa
 from ._hypertorch_helpers import grd, jvp, list_dot
 from . import CG_torch, diff_optimizers, hypergradients, inner_optimizers, linear_solvers
 from .linear_solvers import SOLVERS, SolveInfo, default_rtol
+from .forward_solvers import FORWARD_SOLVERS, ForwardInfo, anderson, fixed_point_iteration
+from .layer import FixedPointLayer, ImplicitLayer, custom_fixed_point, custom_root, fixed_point_solve
 
 __version__ = "0.1.0"
 
@@ -35,5 +39,7 @@ __all__ = [
     "module_params", "param_dict", "functional", "load_params",
     "update_tensor_grads", "get_outer_gradients", "grad_unused_zero", "cat_list_to_tensor",
     "HypergradError", "NonFiniteError", "DivergenceError", "BreakdownError", "SingularSystemError",
-    "NotAFixedPointError", "FixedPointWarning", "default_rtol",
+    "NotAFixedPointError", "FixedPointWarning", "ConvergenceError", "default_rtol",
+    "FixedPointLayer", "ImplicitLayer", "custom_fixed_point", "custom_root", "fixed_point_solve",
+    "FORWARD_SOLVERS", "ForwardInfo", "anderson", "fixed_point_iteration",
 ]

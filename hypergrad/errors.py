@@ -13,6 +13,11 @@ class DivergenceError(HypergradError, FloatingPointError):
     """An iteration's residual grew far beyond its starting value (the iteration diverges)."""
 
 
+class ConvergenceError(HypergradError):
+    """An iterative solve ran out of iterations above its tolerance where a converged result is required
+    (the forward and backward solves of an implicit layer)."""
+
+
 class BreakdownError(HypergradError, ArithmeticError):
     """A Krylov method broke down (e.g. CG met zero curvature on an indefinite system)."""
 
@@ -27,3 +32,11 @@ class NotAFixedPointError(HypergradError, ValueError):
 
 class FixedPointWarning(UserWarning):
     """``params`` are far from a fixed point of ``fp_map``: the implicit hypergradient may be meaningless."""
+
+
+#: why torch.autograd.grad inside a map is refused under torch.func transforms
+AUTOGRAD_UNDER_TORCH_FUNC = (
+    "the map calls torch.autograd.grad (as hypertorch's GradientDescent does) inside a torch.func transform "
+    "(vmap, jacrev, jacfwd, hessian), where autograd.grad does not see the transform and returns wrong "
+    "derivatives: write the map with torch.func.grad, or differentiate with loss.backward() / "
+    "torch.autograd.grad (create_graph=True for higher orders), which work with such maps")

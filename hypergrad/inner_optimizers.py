@@ -17,6 +17,8 @@ from typing import List
 import torch
 from torch import Tensor
 
+from .errors import AUTOGRAD_UNDER_TORCH_FUNC
+
 
 def _has_data(data_or_iter) -> bool:
     """hypertorch's ``if data_or_iter:`` (so ``None``, ``()``, ``[]`` mean no data), except that a tensor
@@ -112,6 +114,8 @@ class Momentum(DifferentiableOptimizer):
 
 
 def _grads(loss, params, create_graph):
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(w) for w in params):
+        raise RuntimeError(AUTOGRAD_UNDER_TORCH_FUNC)
     for i, w in enumerate(params):
         if not w.requires_grad:
             raise ValueError(f"params[{i}] (shape {tuple(w.shape)}) does not require grad, so the inner optimizer "

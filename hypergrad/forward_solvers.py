@@ -1,0 +1,154 @@
+"""Forward solvers for the fixed point w* = Phi(w*) of a map on lists of tensors (no graph).
+
+Every solver has the signature ``solve(fp, w0, *, maxiter, tol, rtol, ...) -> (w, ForwardInfo)``, ``fp``
+mapping a list of tensors to a list of the same shapes. Stopping rule: ||Phi(w) - w|| <= max(tol, rtol *
+||w||); neither given: ``rtol = default_rtol(dtype)`` (1e-10 in float64). NaN/Inf raise
+:class:`NonFiniteError`; a residual ``divergence_factor`` times its start raises :class:`DivergenceError`;
+running out of iterations raises :class:`ConvergenceError` unless ``strict=False`` (then ``converged=False``
+and a warning). The returned ``w`` is the last iterate whose residual was measured.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import tensor_list as tl
+from .errors import ConvergenceError, DivergenceError, NonFiniteError
+from .linear_solvers import resolve_tolerances
+
+FpMap = Callable[[List[Tensor]], List[Tensor]]
+
+
+@dataclass
+class ForwardInfo:
+    """What a forward solve did: ``iterations`` (updates of w; Phi is evaluated once more), the final ``residual``
+    ||Phi(w) - w||, ``converged``, and ``residuals``, the residual after every iteration."""
+    solver: str
+    iterations: int
+    residual: float
+    converged: bool
+    residuals: List[float] = field(default_factory=list)
+
+
+class _Progress:
+    """The shared stopping rule and failure checks of the forward solvers."""
+
+    def __init__(self, name: str, w0: Sequence[Tensor], maxiter, tol, rtol, divergence_factor, strict):
+        self.maxiter = tl.check_count(maxiter, "maxiter")
+        self.tol, self.rtol = resolve_tolerances(tol, rtol, w0[0].dtype)
+        if not (isinstance(divergence_factor, numbers.Real) and divergence_factor > 1):
+            raise ValueError(f"divergence_factor must be a number > 1, got {divergence_factor!r}")
+        self.name, self.factor, self.strict = name, float(divergence_factor), tl.check_flag(strict, "strict")
+        self.trace: List[float] = []
+
+    def done(self, w: Sequence[Tensor], g: Sequence[Tensor]) -> bool:
+        """Record ||g|| = ||Phi(w) - w||; True when it meets the tolerance. Raises on NaN/Inf or divergence."""
+        res, scale = float(tl.norm(g)), float(tl.norm(w))
+        k = len(self.trace)
+        self.trace.append(res)
+        if not math.isfinite(res) or not math.isfinite(scale):
+            raise NonFiniteError(f"{self.name}: NaN or Inf in Phi(w) after {k} iterations (check the map and its "
+                                 "inputs; a smaller step size if it blows up)")
+        if res > self.factor * max(self.trace[0], self.threshold(scale)):
+            raise DivergenceError(f"{self.name} diverges: ||Phi(w) - w|| = {res:.3e} after {k} iterations, started "
+                                  f"at {self.trace[0]:.3e}; the map is not a contraction here (a smaller step "
+                                  "size, damping beta < 1, or solver='anderson')")
+        return res <= self.threshold(scale)
+
+    def threshold(self, scale: float) -> float:
+        return max(self.tol, self.rtol * scale)
+
+    def finish(self, w: List[Tensor], converged: bool) -> Tuple[List[Tensor], ForwardInfo]:
+        info = ForwardInfo(self.name, len(self.trace) - 1, self.trace[-1], converged, self.trace)
+        if not converged:
+            msg = (f"{self.name} did not converge in {info.iterations} iterations: ||Phi(w) - w|| = "
+                   f"{info.residual:.3e} (tolerance max(tol={self.tol:g}, rtol={self.rtol:g} ||w||)); the implicit "
+                   "gradient is exact only at a fixed point: raise maxiter, or use solver='anderson'")
+            if self.strict:
+                raise ConvergenceError(msg)
+            warnings.warn(f"{self.name} did not converge (the result's ForwardInfo has the residuals); the implicit "
+                          "gradient is exact only at a fixed point: raise maxiter, or use solver='anderson'",
+                          stacklevel=4)
+        return w, info
+
+
+def fixed_point_iteration(fp: FpMap, w0: Sequence[Tensor], *, maxiter: int = 1000, tol: Optional[float] = None,
+                          rtol: Optional[float] = None, beta: float = 1.0, divergence_factor: float = 1e6,
+                          strict: bool = True) -> Tuple[List[Tensor], ForwardInfo]:
+    """Damped fixed-point iteration w <- (1 - beta) w + beta Phi(w); converges when Phi contracts."""
+    mon = _Progress("fixed_point", w0, maxiter, tol, rtol, divergence_factor, strict)
+    w = [t.detach() for t in w0]
+    for _ in range(mon.maxiter + 1):
+        f = fp(w)
+        g = tl.sub(f, w)
+        if mon.done(w, g):
+            return mon.finish(f, True)
+        if len(mon.trace) > mon.maxiter:
+            break
+        w = tl.axpy(beta, g, w)
+    return mon.finish(w, False)
+
+
+def anderson(fp: FpMap, w0: Sequence[Tensor], *, maxiter: int = 1000, tol: Optional[float] = None,
+             rtol: Optional[float] = None, memory: int = 5, beta: float = 1.0, regularization: float = 1e-10,
+             divergence_factor: float = 1e6, strict: bool = True) -> Tuple[List[Tensor], ForwardInfo]:
+    """Anderson acceleration (type II) of w <- Phi(w), with ``memory`` past residuals g_i = Phi(w_i) - w_i.
+
+    Step: gamma = argmin ||g_k - dG gamma||^2 + reg ||gamma||^2 (dG, dW: differences of the last residuals and
+    iterates; reg = ``regularization`` * ||dG^T dG||), then w <- w_k + beta g_k - (dW + beta dG) gamma.
+    Safeguards: the history restarts when the small system is singular or not finite, and when a step
+    raises the residual tenfold above the best so far (the next step is then a plain damped step).
+    """
+    if isinstance(memory, bool) or not isinstance(memory, int) or memory < 1:
+        raise ValueError(f"memory must be a positive int, got {memory!r}")
+    if not (isinstance(regularization, numbers.Real) and regularization >= 0):
+        raise ValueError(f"regularization must be a number >= 0, got {regularization!r}")
+    mon = _Progress("anderson", w0, maxiter, tol, rtol, divergence_factor, strict)
+    like = [t.detach() for t in w0]
+    x = tl.flatten(like)
+    ws, gs = [], []  # flat iterates and residuals of the history
+    best = math.inf
+    for _ in range(mon.maxiter + 1):
+        f = tl.flatten(fp(tl.unflatten(x, like)))
+        g = f - x
+        if mon.done([x], [g]):
+            return mon.finish(tl.unflatten(f, like), True)
+        if len(mon.trace) > mon.maxiter:
+            break
+        if mon.trace[-1] > 10 * best and ws:  # the accelerated step made things worse: restart from the best
+            ws, gs = [], []
+        best = min(best, mon.trace[-1])
+        ws, gs = (ws + [x])[-(memory + 1):], (gs + [g])[-(memory + 1):]
+        x = x + beta * g
+        if len(ws) > 1:
+            dW = torch.stack([b - a for a, b in zip(ws[:-1], ws[1:])], 1)
+            dG = torch.stack([b - a for a, b in zip(gs[:-1], gs[1:])], 1)
+            gamma = _regularized_lstsq(dG, g, regularization)
+            if gamma is None:
+                ws, gs = ws[-1:], gs[-1:]
+            else:
+                x = x - (dW + beta * dG) @ gamma
+    return mon.finish(tl.unflatten(x, like), False)
+
+
+def _regularized_lstsq(A: Tensor, b: Tensor, regularization: float) -> Optional[Tensor]:
+    """argmin ||b - A g||^2 + reg ||g||^2 (reg relative to ||A^T A||), or None when singular or not finite."""
+    G = A.T @ A
+    G = G + (regularization * torch.linalg.matrix_norm(G) + torch.finfo(A.dtype).tiny) * torch.eye(
+        G.shape[0], dtype=G.dtype, device=G.device)
+    sol, info = torch.linalg.solve_ex(G, A.T @ b)
+    if int(info) != 0 or not bool(torch.isfinite(sol).all()):
+        return None
+    return sol
+
+
+FORWARD_SOLVERS: Dict[str, Callable] = {
+    "fixed_point": fixed_point_iteration,
+    "anderson": anderson,
+}

@@ -1,0 +1,203 @@
+"""The implicit layer's public face: the solution of an inner problem as tensors in the caller's graph.
+
+    w = hg.FixedPointLayer(fp_map)(params0, hparams)     # w = Phi(w, lambda), found by Anderson
+    loss = outer(w, hparams); loss.backward()            # implicit gradient, exact to any order
+
+``fp_map(params, hparams) -> list`` is hypertorch's map; ``optimality_fn(params, hparams) -> list`` is jaxopt's
+optimality function (zero at the solution). The decorators wrap a solver of one's own:
+``custom_root(optimality_fn)(solver)`` and ``custom_fixed_point(fp_map)(solver)``, ``solver(params0, hparams)``
+returning the solution, as in jaxopt.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import tensor_list as tl
+from .forward_solvers import FORWARD_SOLVERS, ForwardInfo
+from .hypergradients import check_fixed_point, check_solver_call, fixed_point_residuals
+from .implicit import _Problem, _Solve
+from .linear_solvers import SOLVERS, SolveInfo
+
+FpMap = Callable[[List[Tensor], List[Tensor]], List[Tensor]]
+
+
+def _evaluate(fn, ws, hs, name: str) -> List[Tensor]:
+    """fn(ws, hs) checked against the shapes of ``ws``; plain (graph-free) tensors are given requires_grad so
+    hypertorch maps that differentiate an inner loss with torch.autograd.grad work in the forward solve."""
+    if not torch._C._functorch.is_functorch_wrapped_tensor(ws[0]) and not ws[0].requires_grad:
+        with torch.enable_grad():
+            ws = [w.detach().requires_grad_() for w in ws]
+            return [t.detach() for t in tl.check_like(fn(ws, list(hs)), ws, name)]
+    return tl.check_like(fn(list(ws), list(hs)), ws, name)
+
+
+class ImplicitLayer:
+    """w*(lambda) with F(w*, lambda) = 0, returned by :meth:`__call__` as tensors differentiable in hparams.
+
+    Args:
+        optimality: F(params, hparams) -> list shaped like params, zero at the solution.
+        solver: the forward solver, ``solver(params0, hparams) -> params`` on graph-free tensors.
+        backward_solver: a core solver for the adjoint (dF/dw)^T u = g: "gmres" (any operator, the default),
+            "cg" (symmetric positive definite dF/dw: gradient maps, optimality = gradient of a convex loss),
+            "minres", "fixed_point", "neumann", "cg_normaleq" or "dense".
+        backward_maxiter, backward_tol, backward_rtol: its iteration limit and tolerances (the core's default
+            relative tolerance, 1e-10 in float64, when neither tolerance is given).
+        warm_start: start each first-order adjoint solve from the previous one (same shapes).
+        strict: a backward solve that does not converge raises :class:`ConvergenceError` (else warns).
+        backward_options: more options of the backward solver (``restart``, ``check_every``, ...).
+
+    After a call, ``forward_info`` is the forward solve's :class:`ForwardInfo`; after a backward pass,
+    ``backward_info`` is the last adjoint solve's :class:`SolveInfo` and ``adjoint`` its solution.
+    """
+
+    def __init__(self, optimality, solver, *, backward_solver: str = "gmres", backward_maxiter: int = 200,
+                 backward_tol: Optional[float] = None, backward_rtol: Optional[float] = None, warm_start: bool = False,
+                 strict: bool = True, backward_options: Optional[dict] = None, name: str = "optimality_fn"):
+        self.optimality, self.solver, self.name = optimality, solver, name
+        extra = dict(backward_options or {})
+        maxiter = check_solver_call(backward_solver, SOLVERS, backward_maxiter, extra)
+        self.options = dict(solver=backward_solver, strict=tl.check_flag(strict, "strict"),
+                            warm_start=tl.check_flag(warm_start, "warm_start"), tol=backward_tol, rtol=backward_rtol,
+                            **({"maxiter": maxiter} if backward_solver != "dense" else {}), **extra)
+        self.forward_info: Optional[ForwardInfo] = None
+        self.backward_info: Optional[SolveInfo] = None
+        self.adjoint: Optional[List[Tensor]] = None
+
+    def __call__(self, params0: Sequence[Tensor], hparams: Sequence[Tensor]) -> List[Tensor]:
+        params0 = tl.as_tensor_list(params0, "params0")
+        hparams = tl.as_tensor_list(hparams, "hparams")
+        for i, t in enumerate(params0 + hparams):
+            if not t.is_floating_point():
+                what = f"params0[{i}]" if i < len(params0) else f"hparams[{i - len(params0)}]"
+                raise TypeError(f"{what} has dtype {t.dtype}; the implicit layer needs floating-point tensors")
+        F = functools.partial(_checked, self.optimality, self.name)
+        prob = _Problem(F, self._forward, len(params0), self.options, self)
+        return list(_Solve.apply(prob, *params0, *hparams))
+
+    def _forward(self, w0: List[Tensor], hs: List[Tensor]) -> List[Tensor]:
+        w, info = self.solver(w0, hs)
+        self.forward_info = info
+        return [t.detach() for t in w]
+
+    # called by the backward nodes
+    def warm_adjoint(self, b: Sequence[Tensor]) -> Optional[List[Tensor]]:
+        prev = self.adjoint
+        if prev is None or [t.shape for t in prev] != [t.shape for t in b] or prev[0].dtype != b[0].dtype:
+            return None
+        return prev
+
+    def record_backward(self, info: SolveInfo, x: Sequence[Tensor]) -> None:
+        self.backward_info, self.adjoint = info, [t.detach() for t in x]
+
+
+def _checked(fn, name: str, ws, hs) -> List[Tensor]:
+    return tl.check_like(fn(list(ws), list(hs)), ws, f"{name}(params, hparams)")
+
+
+class FixedPointLayer(ImplicitLayer):
+    """w* = fp_map(w*, hparams), found from ``params0`` by ``solver`` ("anderson" or "fixed_point"; options in
+    ``solver_options``: ``maxiter``, ``tol``, ``rtol``, ``memory``, ``beta``, ...), differentiable in hparams.
+
+    ``fixed_point_tol``: the largest accepted relative residual ||Phi(w) - w|| / ||w|| of the forward solution
+    (:class:`NotAFixedPointError` above it); None: the forward solver's own convergence test decides. The
+    other arguments are :class:`ImplicitLayer`'s.
+    """
+
+    def __init__(self, fp_map: FpMap, solver: str = "anderson", *, maxiter: int = 1000, tol: Optional[float] = None,
+                 rtol: Optional[float] = None, solver_options: Optional[dict] = None, **backward):
+        if solver not in FORWARD_SOLVERS:
+            raise ValueError(f"unknown forward solver {solver!r}; choose one of {sorted(FORWARD_SOLVERS)}, or wrap "
+                             "your own with hypergrad.custom_fixed_point(fp_map)(solver)")
+        self.fp_map = fp_map
+        opts = dict(maxiter=maxiter, tol=tol, rtol=rtol, **(solver_options or {}))
+
+        def forward(w0, hs):
+            return FORWARD_SOLVERS[solver](lambda w: _evaluate(fp_map, w, hs, "fp_map(params, hparams)"), w0, **opts)
+        super().__init__(functools.partial(_fixed_point_residual, fp_map), forward, name="fp_map", **backward)
+
+
+def _fixed_point_residual(fp_map, ws, hs) -> List[Tensor]:
+    """F(w, lambda) = w - Phi(w, lambda)."""
+    return tl.sub(ws, tl.check_like(fp_map(list(ws), list(hs)), ws, "fp_map(params, hparams)"))
+
+
+def custom_fixed_point(fp_map: FpMap, *, fixed_point_tol: Optional[float] = None, **backward):
+    """Decorator: ``custom_fixed_point(fp_map)(solver)`` is ``solver`` with implicit derivatives, for a solver
+    ``solver(params0, hparams) -> params`` that returns a fixed point of ``fp_map``. The solution is checked
+    as the core checks params: a :class:`FixedPointWarning` above 1e-3 relative residual (float32: 1.2e-2),
+    :class:`NotAFixedPointError` above ``fixed_point_tol`` if given."""
+    def wrap(solver: Solver) -> ImplicitLayer:
+        def forward(w0, hs):
+            w = _run_user_solver(solver, w0, hs)
+            mapped = _evaluate(fp_map, w, hs, "fp_map(params, hparams)")
+            d, rel = fixed_point_residuals(w, mapped, lambda xs, ys: torch.stack([(x * y).sum() for x, y in zip(xs, ys)]))
+            check_fixed_point(float(d), float(rel), fixed_point_tol, w[0].dtype)
+            return w, ForwardInfo("custom", 0, float(d), True, [float(d)])
+        layer = ImplicitLayer(functools.partial(_fixed_point_residual, fp_map), forward, name="fp_map", **backward)
+        return functools.wraps(solver)(_Bound(layer))
+    return wrap
+
+
+def custom_root(optimality_fn: FpMap, *, root_tol: Optional[float] = None, **backward):
+    """Decorator: ``custom_root(optimality_fn)(solver)`` is ``solver`` with implicit derivatives, for a solver
+    ``solver(params0, hparams) -> params`` with optimality_fn(params, hparams) = 0 at its output (jaxopt's
+    ``custom_root``). ``root_tol``: the largest accepted ||F(w)|| / max(||F(params0)||, tiny)
+    (:class:`NotAFixedPointError` above it); None: a :class:`FixedPointWarning` above 1e-3."""
+    def wrap(solver: Solver) -> ImplicitLayer:
+        def forward(w0, hs):
+            r0 = float(tl.norm(_evaluate(optimality_fn, w0, hs, "optimality_fn(params, hparams)")))
+            w = _run_user_solver(solver, w0, hs)
+            r = float(tl.norm(_evaluate(optimality_fn, w, hs, "optimality_fn(params, hparams)")))
+            rel = r / max(r0, torch.finfo(w[0].dtype).tiny) if r > 0 else 0.0
+            _check_root(r, rel, root_tol, w[0].dtype)
+            return w, ForwardInfo("custom", 0, r, True, [r0, r])
+        layer = ImplicitLayer(optimality_fn, forward, name="optimality_fn", **backward)
+        return functools.wraps(solver)(_Bound(layer))
+    return wrap
+
+
+Solver = Callable[[List[Tensor], List[Tensor]], List[Tensor]]
+
+
+class _Bound:
+    """A decorated solver: call it like the solver; ``.layer`` has the diagnostics."""
+
+    def __init__(self, layer: ImplicitLayer):
+        self.layer = layer
+
+    def __call__(self, params0, hparams) -> List[Tensor]:
+        return self.layer(params0, hparams)
+
+
+def _run_user_solver(solver, w0, hs) -> List[Tensor]:
+    with torch.enable_grad():  # the user's solver may differentiate its loss; its graph is not ours
+        out = solver([t.detach().clone() for t in w0], [h.detach() for h in hs])
+    out = tl.check_like(list(out) if isinstance(out, (list, tuple)) else [out], w0, "solver(params0, hparams)")
+    return [t.detach() for t in out]
+
+
+def _check_root(r: float, rel: float, root_tol: Optional[float], dtype) -> None:
+    import warnings
+    from .errors import FixedPointWarning, NonFiniteError, NotAFixedPointError
+    from .hypergradients import fixed_point_warn_rtol
+    if not math.isfinite(r):
+        raise NonFiniteError("optimality_fn(params, hparams) contains NaN or Inf at the solver's output")
+    if root_tol is not None:
+        if rel > root_tol:
+            raise NotAFixedPointError(f"the solver's output is not a root of optimality_fn: ||F(w)|| = {r:.3e}, "
+                                      f"{rel:.3e} relative to ||F(params0)|| (root_tol={root_tol:g}); the implicit "
+                                      "gradient is exact only at a root: run the solver longer")
+    elif rel > fixed_point_warn_rtol(dtype):
+        warnings.warn("the solver's output is not a root of optimality_fn: ||F(w)|| / ||F(params0)|| > 1e-3; the "
+                      "implicit gradient is exact only at a root: run the solver longer, or pass root_tol=math.inf to "
+                      "accept it", FixedPointWarning, stacklevel=4)
+
+
+def fixed_point_solve(fp_map: FpMap, params0: Sequence[Tensor], hparams: Sequence[Tensor], **options) -> List[Tensor]:
+    """``FixedPointLayer(fp_map, **options)(params0, hparams)``: the fixed point, differentiable in hparams."""
+    return FixedPointLayer(fp_map, **options)(params0, hparams)
