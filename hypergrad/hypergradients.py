@@ -21,7 +21,7 @@ from torch import Tensor
 
 from . import tensor_list as tl
 from .errors import FixedPointWarning, NotAFixedPointError
-from .linear_solvers import SOLVERS, _Contraction, _Monitor
+from .linear_solvers import SOLVERS, SolveInfo, _Contraction, _Monitor
 
 #: relative fixed-point residual above which ``hypergradient`` warns by default (``fixed_point_tol=None``),
 #: in float64; lower precisions warn above 1e5 eps (float32: 1.2e-2), where their own rounding reaches
@@ -163,8 +163,11 @@ def hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], fp_map: F
             nonzero ||dE/dw|| is not taken as a solved system (the zero adjoint): a warning, and the
             default relative tolerance instead.
         v0: warm start for the adjoint (e.g. ``result.v`` of the previous outer step).
-        create_graph: keep the graph so the hypergradient can be differentiated again w.r.t. hparams
-            (at the given params, which are treated as constants).
+        create_graph: return the hypergradient with a graph whose derivatives are the exact higher
+            derivatives of f(lambda) = E(w*(lambda), lambda): params enter as the implicit layer's solution
+            w*(lambda) (:func:`hypergrad.custom_fixed_point`), so differentiating again also differentiates
+            w* and the adjoint solve implicitly (each a linear solve with ``solver``). Not with ``stochastic``
+            or ``operator``.
         set_grad: add the result to ``hparam.grad``.
         stochastic: ``fp_map`` is random; re-evaluate it at every product.
         operator: optional explicit (I - dPhi/dw)^T as an n x n matrix (n = numel of all params), used
@@ -179,6 +182,9 @@ def hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], fp_map: F
     K = check_solver_call(solver, SOLVERS, K, solver_options)
     for name, flag in (("create_graph", create_graph), ("set_grad", set_grad), ("stochastic", stochastic)):
         tl.check_flag(flag, name)
+    if create_graph:
+        return _differentiable(params, hparams, fp_map, outer_loss, solver, K, tol, rtol, v0, set_grad, stochastic,
+                               operator, fixed_point_tol, solver_options)
     with torch.enable_grad():
         params, hparams, g_w, g_h = _prepare(params, hparams, outer_loss, create_graph)
         system = _FixedPointSystem(params, hparams, fp_map, stochastic, create_graph, operator)
@@ -200,6 +206,37 @@ def hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], fp_map: F
     tl.assert_finite(grads, "the hypergradient")
     if set_grad:
         tl.accumulate_grads(hparams, grads)
+    return HypergradResult(grads, v, info.iterations, info.residual, info.converged, info.solver, fp_abs, fp_rel)
+
+
+def _differentiable(params, hparams, fp_map, outer_loss, solver, K, tol, rtol, v0, set_grad, stochastic, operator,
+                    fixed_point_tol, solver_options) -> HypergradResult:
+    """``hypergradient(create_graph=True)``: the gradient of E(w*(lambda), lambda) by autograd through the
+    implicit layer, with ``params`` taken as its solution (checked as a fixed point first)."""
+    from .layer import custom_fixed_point
+    if stochastic or operator is not None:
+        raise ValueError("create_graph=True differentiates the map's exact derivatives again; it cannot be combined "
+                         f"with {'stochastic=True' if stochastic else 'an explicit operator'}")
+    with torch.enable_grad():
+        params, hparams = tl.check_inputs(params, hparams)
+        system = _FixedPointSystem(tl.detached_leaves(params), hparams, fp_map, False, False)
+        fp_abs, fp_rel = system.residual()
+        check_fixed_point(fp_abs, fp_rel, fixed_point_tol, params[0].dtype)
+        solve = custom_fixed_point(fp_map, fixed_point_tol=math.inf, backward_solver=solver, backward_maxiter=K,
+                                   backward_tol=tol, backward_rtol=rtol, strict=False, warm_start=v0 is not None,
+                                   backward_options=solver_options)(lambda w0, h: w0)
+        if v0 is not None:
+            solve.layer.adjoint = tl.check_like(v0, params, "v0 (warm start)")
+        w = solve(params, hparams)
+        loss = tl.scalar_loss(outer_loss, w, hparams, "outer_loss(params, hparams)")
+        grads = tl.grad_or_zeros(loss, hparams, retain_graph=True, create_graph=True)
+    tl.assert_finite(grads, "the hypergradient")
+    if set_grad:
+        tl.accumulate_grads(hparams, grads)
+    info = solve.layer.backward_info
+    if info is None:  # the outer loss does not depend on w: no adjoint solve ran
+        info = SolveInfo(solver, 0, 0.0, True)
+    v = solve.layer.adjoint if solve.layer.adjoint is not None else tl.zeros_like(params)
     return HypergradResult(grads, v, info.iterations, info.residual, info.converged, info.solver, fp_abs, fp_rel)
 
 

@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from . import tensor_list as tl
-from .errors import AUTOGRAD_UNDER_TORCH_FUNC, ConvergenceError
+from .errors import AUTOGRAD_UNDER_TORCH_FUNC, ConvergenceError, NonFiniteError
 from .forward_solvers import FORWARD_SOLVERS, ForwardInfo
 from .linear_solvers import SOLVERS, SolveInfo
 
@@ -226,17 +226,24 @@ class _Problem:
 
 def _check(info: SolveInfo, name: str, transpose: bool, strict: bool) -> None:
     """A backward solve must converge: ConvergenceError (``strict``) or a warning."""
-    ok = bool(torch.as_tensor(info.converged).all())
-    if ok:
+    worst = lambda v, f: f(v) if isinstance(v, Tensor) else v  # a batch of systems reports per system
+    if worst(info.converged, lambda c: bool(c.all())):
         return
     what = "adjoint (dF/dw)^T u = g" if transpose else "tangent (dF/dw) x = b"
     msg = (f"the implicit layer's {what} solve ({name}) did not converge: residual "
-           f"{float(torch.as_tensor(info.residual).max()):.3e} after {int(torch.as_tensor(info.iterations).max())} "
+           f"{float(worst(info.residual, torch.max)):.3e} after {int(worst(info.iterations, torch.max))} "
            "iterations; raise backward_maxiter, loosen backward_rtol, or choose another backward_solver")
     if strict:
         raise ConvergenceError(msg)
     warnings.warn("the implicit layer's backward solve did not converge (its SolveInfo is in layer.backward_info); "
                   "the gradient is approximate", stacklevel=2)
+
+
+def _finite(xs, what: str) -> None:
+    """NaN/Inf in a derivative of the map raise (outside torch.func transforms, where they can be read)."""
+    if not _wrapped(xs) and not bool(torch.stack([torch.isfinite(x).all() for x in xs]).all()):
+        raise NonFiniteError(f"NaN or Inf in {what}: a derivative of the map is not finite at the solution "
+                             "(e.g. sqrt or log at 0, or an overflow)")
 
 
 def _moved(tensors, dims, size: int, expand: int) -> List[Tensor]:
@@ -281,6 +288,7 @@ class _Solve(torch.autograd.Function):
             return (None,) * (1 + n + len(hs))
         u = _LinearSolve.apply(prob, True, *_zeros_for(grads, ws), *ws, *hs)
         gh = _vjp(lambda *h: prob.Fb(ws, h), hs, [-t for t in u])
+        _finite(gh, "the implicit gradient (dF/dlambda)^T u w.r.t. hparams")
         return (None,) * (1 + n) + tuple(g if nd else None for g, nd in zip(gh, need))
 
     @staticmethod
@@ -290,6 +298,7 @@ class _Solve(torch.autograd.Function):
         ws, hs = saved[:n], saved[n:]
         ht = tuple(_zeros_for(tangents[n:], hs))
         fdot = _jvp(lambda *h: prob.Fb(ws, h), hs, ht)
+        _finite(fdot, "the directional derivative (dF/dlambda) lambda_dot")
         return _LinearSolve.apply(prob, False, *[-t for t in fdot], *ws, *hs)
 
     @staticmethod

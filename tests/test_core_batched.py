@@ -96,8 +96,10 @@ def test_per_task_convergence_and_error_falls_with_K():
     assert len(set(its)) > 1, its
     single = [r.iterations for r in loop(p, "cg", 200, tol=1e-1)]
     assert its == single, (its, single)
+    # at 1e-11 (near the rounding floor) batched and single arithmetic sum in different orders: a task's
+    # true-residual confirmation may take one product more in one of them, on some CPUs
     its, single = res.iterations.tolist(), [r.iterations for r in loop(p, "cg", 200, tol=1e-11)]
-    assert its == single, (its, single)
+    assert all(abs(a - b) <= 1 for a, b in zip(its, single)), (its, single)
     for b in range(p["B"]):
         assert rel(res.grads[0][b], p["ref_theta"][b]) <= 1e-8
         assert rel(res.grads[1][b], p["ref_lam"][b]) <= 1e-8
