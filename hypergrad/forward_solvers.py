@@ -97,11 +97,14 @@ def fixed_point_iteration(fp: FpMap, w0: Sequence[Tensor], *, maxiter: int = 100
 
 def anderson(fp: FpMap, w0: Sequence[Tensor], *, maxiter: int = 1000, tol: Optional[float] = None,
              rtol: Optional[float] = None, memory: int = 5, beta: float = 1.0, regularization: float = 1e-10,
-             divergence_factor: float = 1e6, strict: bool = True) -> Tuple[List[Tensor], ForwardInfo]:
+             batched: bool = False, divergence_factor: float = 1e6,
+             strict: bool = True) -> Tuple[List[Tensor], ForwardInfo]:
     """Anderson acceleration (type II) of w <- Phi(w), with ``memory`` past residuals g_i = Phi(w_i) - w_i.
 
     Step: gamma = argmin ||g_k - dG gamma||^2 + reg ||gamma||^2 (dG, dW: differences of the last residuals and
     iterates; reg = ``regularization`` * ||dG^T dG||), then w <- w_k + beta g_k - (dW + beta dG) gamma.
+    ``batched``: every tensor has a leading dimension B of independent problems (a minibatch of a deep
+    equilibrium model); each row gets its own gamma (the stopping rule stays the whole batch's).
     Safeguards: the history restarts when the small system is singular or not finite, and when a step
     raises the residual tenfold above the best so far (the next step is then a plain damped step).
     """
@@ -111,39 +114,63 @@ def anderson(fp: FpMap, w0: Sequence[Tensor], *, maxiter: int = 1000, tol: Optio
         raise ValueError(f"regularization must be a number >= 0, got {regularization!r}")
     mon = _Progress("anderson", w0, maxiter, tol, rtol, divergence_factor, strict)
     like = [t.detach() for t in w0]
-    x = tl.flatten(like)
-    ws, gs = [], []  # flat iterates and residuals of the history
-    best = math.inf
+    rows = _rows(like, tl.check_flag(batched, "batched"))
+    x = rows.flatten(like)
+    # differences of the last ``memory`` iterates and residuals, one per slot [B, memory, n]; the order of the
+    # slots does not matter to the least-squares problem, so each new difference overwrites the oldest
+    dW = dG = None
+    filled, slot, prev, best = 0, 0, None, math.inf
     for _ in range(mon.maxiter + 1):
-        f = tl.flatten(fp(tl.unflatten(x, like)))
+        f = rows.flatten(fp(rows.unflatten(x, like)))
         g = f - x
         if mon.done([x], [g]):
-            return mon.finish(tl.unflatten(f, like), True)
+            return mon.finish(rows.unflatten(f, like), True)
         if len(mon.trace) > mon.maxiter:
             break
-        if mon.trace[-1] > 10 * best and ws:  # the accelerated step made things worse: restart from the best
-            ws, gs = [], []
+        if mon.trace[-1] > 10 * best:  # the accelerated step made things worse: forget the history
+            filled, prev = 0, None
         best = min(best, mon.trace[-1])
-        ws, gs = (ws + [x])[-(memory + 1):], (gs + [g])[-(memory + 1):]
+        if prev is not None:
+            if dW is None:
+                dW, dG = (x.new_zeros(x.shape[0], memory, x.shape[1]) for _ in range(2))
+            dW[:, slot], dG[:, slot] = x - prev[0], g - prev[1]
+            slot, filled = (slot + 1) % memory, min(filled + 1, memory)
+        prev = (x, g)
         x = x + beta * g
-        if len(ws) > 1:
-            dW = torch.stack([b - a for a, b in zip(ws[:-1], ws[1:])], 1)
-            dG = torch.stack([b - a for a, b in zip(gs[:-1], gs[1:])], 1)
-            gamma = _regularized_lstsq(dG, g, regularization)
-            if gamma is None:
-                ws, gs = ws[-1:], gs[-1:]
+        if filled:
+            gamma = _regularized_lstsq(dG[:, :filled], g, regularization)
+            if gamma is None:  # singular or not finite: a plain step, and a fresh history
+                filled, slot = 0, 0
             else:
-                x = x - (dW + beta * dG) @ gamma
-    return mon.finish(tl.unflatten(x, like), False)
+                x = x - ((dW[:, :filled] + beta * dG[:, :filled]).transpose(1, 2) @ gamma.unsqueeze(-1)).squeeze(-1)
+    return mon.finish(rows.unflatten(x, like), False)
 
 
-def _regularized_lstsq(A: Tensor, b: Tensor, regularization: float) -> Optional[Tensor]:
-    """argmin ||b - A g||^2 + reg ||g||^2 (reg relative to ||A^T A||), or None when singular or not finite."""
-    G = A.T @ A
-    G = G + (regularization * torch.linalg.matrix_norm(G) + torch.finfo(A.dtype).tiny) * torch.eye(
-        G.shape[0], dtype=G.dtype, device=G.device)
-    sol, info = torch.linalg.solve_ex(G, A.T @ b)
-    if int(info) != 0 or not bool(torch.isfinite(sol).all()):
+class _rows:
+    """Tensors as [B, n] rows: B = 1 (one problem) or the leading dimension (``batched``)."""
+
+    def __init__(self, like: Sequence[Tensor], batched: bool):
+        if batched and (any(t.dim() == 0 for t in like) or len({t.shape[0] for t in like}) != 1):
+            raise ValueError(f"batched=True needs one leading dimension B on every tensor, got shapes "
+                             f"{[tuple(t.shape) for t in like]}")
+        self.B = like[0].shape[0] if batched else 1
+
+    def flatten(self, xs: Sequence[Tensor]) -> Tensor:
+        return torch.cat([x.reshape(self.B, -1) for x in xs], 1)
+
+    def unflatten(self, x: Tensor, like: Sequence[Tensor]) -> List[Tensor]:
+        sizes = [t.numel() // self.B for t in like]
+        return [c.reshape(t.shape) for c, t in zip(torch.split(x, sizes, 1), like)]
+
+
+def _regularized_lstsq(D: Tensor, b: Tensor, regularization: float) -> Optional[Tensor]:
+    """Per row: argmin ||b - D^T g||^2 + reg ||g||^2 (reg relative to ||D D^T||), D [B, m, n], b [B, n];
+    None when a system is singular or not finite."""
+    G = D @ D.transpose(1, 2)
+    reg = regularization * torch.linalg.matrix_norm(G) + torch.finfo(D.dtype).tiny
+    G = G + reg[:, None, None] * torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
+    sol, info = torch.linalg.solve_ex(G, (D @ b.unsqueeze(-1)).squeeze(-1))
+    if bool((info != 0).any()) or not bool(torch.isfinite(sol).all()):
         return None
     return sol
 
