@@ -94,7 +94,7 @@ def accuracy(model: DEQ, X: torch.Tensor, y: torch.Tensor) -> float:
 
 def make_layer(solver: str, args, maxiter: int) -> hg.FixedPointLayer:
     return hg.FixedPointLayer(fp_map, solver=solver, maxiter=maxiter, rtol=args.rtol,
-                              solver_options={"memory": args.memory} if solver == "anderson" else None,
+                              solver_options={"memory": args.memory, "batched": True} if solver == "anderson" else None,
                               backward_solver="gmres", backward_maxiter=args.backward_maxiter,
                               backward_rtol=args.backward_rtol, warm_start=True)
 
