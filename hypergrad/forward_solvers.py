@@ -1,11 +1,15 @@
 """Forward solvers for the fixed point w* = Phi(w*) of a map on lists of tensors (no graph).
 
 Every solver has the signature ``solve(fp, w0, *, maxiter, tol, rtol, ...) -> (w, ForwardInfo)``, ``fp``
-mapping a list of tensors to a list of the same shapes. Stopping rule: ||Phi(w) - w|| <= max(tol, rtol *
-||w||); neither given: ``rtol = default_rtol(dtype)`` (1e-10 in float64). NaN/Inf raise
-:class:`NonFiniteError`; a residual ``divergence_factor`` times its start raises :class:`DivergenceError`;
-running out of iterations raises :class:`ConvergenceError` unless ``strict=False`` (then ``converged=False``
-and a warning). The returned ``w`` is the last iterate whose residual was measured.
+mapping a list of tensors to a list of the same shapes. Stopping rule: ||Phi(w) - w|| <= tol, or for every
+tensor i ||Phi_i(w) - w_i|| <= rtol max(||w_i||, ||Phi_i(w)||, r S), with S the largest tensor's scale (at
+least the starting one, so a fixed point at 0 is reached) and r = min(1e-3, 100 eps / rtol) (2.2e-4 in
+float64 at the default rtol: a tensor smaller than r S converges to rtol r S absolute; pass ``tol`` for an
+absolute bound on it). See :func:`hypergrad.hypergradients.fixed_point_residuals`. Neither given:
+``rtol = default_rtol(dtype)`` (1e-10 in float64). NaN/Inf raise :class:`NonFiniteError`; a residual or an
+iterate ``divergence_factor`` times its start raises :class:`DivergenceError`; running out of iterations
+raises :class:`ConvergenceError` unless ``strict=False`` (then ``converged=False`` and a warning). The
+returned ``w`` is the iterate whose residual was measured last.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from torch import Tensor
 
 from . import tensor_list as tl
 from .errors import ConvergenceError, DivergenceError, NonFiniteError
+from .hypergradients import fixed_point_residuals
 from .linear_solvers import resolve_tolerances
 
 FpMap = Callable[[List[Tensor]], List[Tensor]]
@@ -27,54 +32,71 @@ FpMap = Callable[[List[Tensor]], List[Tensor]]
 
 @dataclass
 class ForwardInfo:
-    """What a forward solve did: ``iterations`` (updates of w; Phi is evaluated once more), the final ``residual``
-    ||Phi(w) - w||, ``converged``, and ``residuals``, the residual after every iteration."""
+    """What a forward solve did: ``iterations`` (updates of w; Phi is evaluated once more), the final
+    ``residual`` ||Phi(w) - w|| and its per-tensor relative form ``residual_rel``, ``converged``, and
+    ``residuals``, ||Phi(w) - w|| at every iterate."""
     solver: str
     iterations: int
     residual: float
     converged: bool
     residuals: List[float] = field(default_factory=list)
+    residual_rel: float = float("nan")
+
+
+def _per_tensor(xs, ys) -> Tensor:
+    return torch.stack([(x * y).sum() for x, y in zip(xs, ys)])
 
 
 class _Progress:
     """The shared stopping rule and failure checks of the forward solvers."""
 
-    def __init__(self, name: str, w0: Sequence[Tensor], maxiter, tol, rtol, divergence_factor, strict):
+    def __init__(self, name: str, w0: Sequence[Tensor], maxiter, tol, rtol, divergence_factor, strict, beta=1.0):
         self.maxiter = tl.check_count(maxiter, "maxiter")
         self.tol, self.rtol = resolve_tolerances(tol, rtol, w0[0].dtype)
         if not (isinstance(divergence_factor, numbers.Real) and divergence_factor > 1):
             raise ValueError(f"divergence_factor must be a number > 1, got {divergence_factor!r}")
+        if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0 < beta < 2:
+            raise ValueError(f"beta (the damping of w <- w + beta (Phi(w) - w)) must be a number in (0, 2), got "
+                             f"{beta!r}")
         self.name, self.factor, self.strict = name, float(divergence_factor), tl.check_flag(strict, "strict")
+        self.hint = "use solver='anderson', or" if name == "fixed_point" else "try"
         self.trace: List[float] = []
+        self.rel, self.start = math.inf, None
+        # a tensor far smaller than the largest one counts at ratio x its scale: the smallest ratio at which
+        # rtol stays above rounding (100 eps of the largest), at most 1e-3
+        self.ratio = min(1e-3, 100 * torch.finfo(w0[0].dtype).eps / max(self.rtol, 1e-300))
 
-    def done(self, w: Sequence[Tensor], g: Sequence[Tensor]) -> bool:
-        """Record ||g|| = ||Phi(w) - w||; True when it meets the tolerance. Raises on NaN/Inf or divergence."""
-        res, scale = float(tl.norm(g)), float(tl.norm(w))
+    def done(self, w: Sequence[Tensor], f: Sequence[Tensor]) -> bool:
+        """Record the residual of ``w`` (``f`` = Phi(w)); True when it meets the tolerance. Raises on NaN/Inf
+        and on divergence of the residual or of the iterates."""
         k = len(self.trace)
+        res, rel = fixed_point_residuals(w, f, _per_tensor, 0.0 if self.start is None else self.start, self.ratio)
+        size = float(tl.norm(w))
+        res, self.rel = float(res), float(rel)
         self.trace.append(res)
-        if not math.isfinite(res) or not math.isfinite(scale):
+        if not (math.isfinite(res) and math.isfinite(self.rel) and math.isfinite(size)):
             raise NonFiniteError(f"{self.name}: NaN or Inf in Phi(w) after {k} iterations (check the map and its "
                                  "inputs; a smaller step size if it blows up)")
-        if res > self.factor * max(self.trace[0], self.threshold(scale)):
-            raise DivergenceError(f"{self.name} diverges: ||Phi(w) - w|| = {res:.3e} after {k} iterations, started "
-                                  f"at {self.trace[0]:.3e}; the map is not a contraction here (a smaller step "
-                                  "size, damping beta < 1, or solver='anderson')")
-        return res <= self.threshold(scale)
-
-    def threshold(self, scale: float) -> float:
-        return max(self.tol, self.rtol * scale)
+        if self.start is None:
+            self.start = max(size, float(tl.norm(f)))
+        grew = size > self.factor * max(self.start, 1.0)
+        if res > self.factor * max(self.trace[0], torch.finfo(w[0].dtype).tiny) or grew:
+            what = f"||w|| = {size:.3e}" if grew else f"||Phi(w) - w|| = {res:.3e}"
+            raise DivergenceError(f"{self.name} diverges: {what} after {k} iterations (||Phi(w0) - w0|| = "
+                                  f"{self.trace[0]:.3e}, ||w0|| ~ {self.start:.3e}); the map is not a contraction "
+                                  f"here, or has no fixed point ({self.hint} a smaller step size or damping beta < 1)")
+        return res <= self.tol or self.rel <= self.rtol
 
     def finish(self, w: List[Tensor], converged: bool) -> Tuple[List[Tensor], ForwardInfo]:
-        info = ForwardInfo(self.name, len(self.trace) - 1, self.trace[-1], converged, self.trace)
+        info = ForwardInfo(self.name, len(self.trace) - 1, self.trace[-1], converged, self.trace, self.rel)
         if not converged:
             msg = (f"{self.name} did not converge in {info.iterations} iterations: ||Phi(w) - w|| = "
-                   f"{info.residual:.3e} (tolerance max(tol={self.tol:g}, rtol={self.rtol:g} ||w||)); the implicit "
-                   "gradient is exact only at a fixed point: raise maxiter, or use solver='anderson'")
+                   f"{info.residual:.3e}, {self.rel:.3e} relative (tol={self.tol:g}, rtol={self.rtol:g}); the "
+                   f"implicit gradient is exact only at a fixed point: raise maxiter, or {self.hint} damping")
             if self.strict:
                 raise ConvergenceError(msg)
             warnings.warn(f"{self.name} did not converge (the result's ForwardInfo has the residuals); the implicit "
-                          "gradient is exact only at a fixed point: raise maxiter, or use solver='anderson'",
-                          stacklevel=4)
+                          "gradient is exact only at a fixed point: raise maxiter", stacklevel=4)
         return w, info
 
 
@@ -82,16 +104,15 @@ def fixed_point_iteration(fp: FpMap, w0: Sequence[Tensor], *, maxiter: int = 100
                           rtol: Optional[float] = None, beta: float = 1.0, divergence_factor: float = 1e6,
                           strict: bool = True) -> Tuple[List[Tensor], ForwardInfo]:
     """Damped fixed-point iteration w <- (1 - beta) w + beta Phi(w); converges when Phi contracts."""
-    mon = _Progress("fixed_point", w0, maxiter, tol, rtol, divergence_factor, strict)
+    mon = _Progress("fixed_point", w0, maxiter, tol, rtol, divergence_factor, strict, beta)
     w = [t.detach() for t in w0]
     for _ in range(mon.maxiter + 1):
         f = fp(w)
-        g = tl.sub(f, w)
-        if mon.done(w, g):
-            return mon.finish(f, True)
+        if mon.done(w, f):
+            return mon.finish(w, True)
         if len(mon.trace) > mon.maxiter:
             break
-        w = tl.axpy(beta, g, w)
+        w = [a + beta * (b - a) for a, b in zip(w, f)]
     return mon.finish(w, False)
 
 
@@ -112,7 +133,7 @@ def anderson(fp: FpMap, w0: Sequence[Tensor], *, maxiter: int = 1000, tol: Optio
         raise ValueError(f"memory must be a positive int, got {memory!r}")
     if not (isinstance(regularization, numbers.Real) and regularization >= 0):
         raise ValueError(f"regularization must be a number >= 0, got {regularization!r}")
-    mon = _Progress("anderson", w0, maxiter, tol, rtol, divergence_factor, strict)
+    mon = _Progress("anderson", w0, maxiter, tol, rtol, divergence_factor, strict, beta)
     like = [t.detach() for t in w0]
     rows = _rows(like, tl.check_flag(batched, "batched"))
     x = rows.flatten(like)
@@ -121,10 +142,11 @@ def anderson(fp: FpMap, w0: Sequence[Tensor], *, maxiter: int = 1000, tol: Optio
     dW = dG = None
     filled, slot, prev, best = 0, 0, None, math.inf
     for _ in range(mon.maxiter + 1):
-        f = rows.flatten(fp(rows.unflatten(x, like)))
-        g = f - x
-        if mon.done([x], [g]):
-            return mon.finish(rows.unflatten(f, like), True)
+        xs = rows.unflatten(x, like)
+        fs = fp(xs)
+        if mon.done(xs, fs):
+            return mon.finish(xs, True)
+        g = rows.flatten(fs) - x
         if len(mon.trace) > mon.maxiter:
             break
         if mon.trace[-1] > 10 * best:  # the accelerated step made things worse: forget the history
@@ -150,6 +172,9 @@ class _rows:
     """Tensors as [B, n] rows: B = 1 (one problem) or the leading dimension (``batched``)."""
 
     def __init__(self, like: Sequence[Tensor], batched: bool):
+        if len({t.dtype for t in like}) > 1:
+            raise ValueError(f"anderson works on one vector of all params, which need one dtype; got "
+                             f"{sorted({str(t.dtype) for t in like})}: cast them, or use solver='fixed_point'")
         if batched and (any(t.dim() == 0 for t in like) or len({t.shape[0] for t in like}) != 1):
             raise ValueError(f"batched=True needs one leading dimension B on every tensor, got shapes "
                              f"{[tuple(t.shape) for t in like]}")

@@ -240,16 +240,19 @@ def _differentiable(params, hparams, fp_map, outer_loss, solver, K, tol, rtol, v
     return HypergradResult(grads, v, info.iterations, info.residual, info.converged, info.solver, fp_abs, fp_rel)
 
 
-def fixed_point_residuals(params, mapped, dots):
+def fixed_point_residuals(params, mapped, dots, scale_floor: float = 0.0, floor_ratio: float = 1e-3):
     """(||Phi(w) - w||, the per-tensor relative residual of :meth:`_FixedPointSystem.residual`); ``dots(xs, ys)``
-    stacks the inner products per tensor along dim 0 (per task as a last dimension in the batched case)."""
+    stacks the inner products per tensor along dim 0 (per task as a last dimension in the batched case).
+    ``scale_floor``: every tensor counts at a scale of at least 1e-3 ``scale_floor`` (a forward solve passes
+    its starting scale, so a fixed point at 0 is reached by a residual 1e-3 below where it started);
+    ``floor_ratio`` (1e-3) is that factor."""
     diff = [m - p for m, p in zip(mapped, params)]
     d2, w2, m2 = dots(diff, diff), dots(params, params), dots(mapped, mapped)
     scale = torch.maximum(w2, m2).sqrt()
-    floor = 1e-3 * scale.max(0).values  # tensors 1000x smaller than the largest (multipliers, momentum buffers
-    # at zero) count at that scale: their rounding-level residuals are no alarm, a far-off O(1) tensor still is
+    floor = floor_ratio * scale.max(0).values.clamp_min(scale_floor)  # tensors 1000x smaller than the largest
+    # (multipliers, momentum buffers at zero) count at that scale: their rounding-level residuals are no alarm
     rel = d2.sqrt() / torch.maximum(scale, floor)
-    rel = torch.where(d2 > 0, rel, torch.zeros_like(rel))  # 0/0: a zero tensor that maps to zero
+    rel = torch.where(d2 == 0, torch.zeros_like(rel), rel)  # 0/0: a zero tensor that maps to zero (NaN stays NaN)
     return d2.sum(0).sqrt(), rel.max(0).values
 
 

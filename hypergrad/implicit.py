@@ -24,6 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.overrides import TorchFunctionMode
 
 from . import tensor_list as tl
@@ -193,7 +194,7 @@ class _Problem:
         ws, hs = [w.detach() for w in ws], [h.detach() for h in hs]
         b = [t.detach() for t in b]
         if not self.levels:
-            x0 = self.owner.warm_adjoint(b) if (warm and transpose) else None
+            x0 = self.owner.warm_adjoint(b) if (warm and transpose and bool(tl.norm(b) > 0)) else None
             x, info = self._run(fn, name, transpose, b, ws, hs, x0, opts)
             _check(info, name, transpose, strict)
             if transpose:
@@ -235,8 +236,8 @@ def _check(info: SolveInfo, name: str, transpose: bool, strict: bool) -> None:
            "iterations; raise backward_maxiter, loosen backward_rtol, or choose another backward_solver")
     if strict:
         raise ConvergenceError(msg)
-    warnings.warn("the implicit layer's backward solve did not converge (its SolveInfo is in layer.backward_info); "
-                  "the gradient is approximate", stacklevel=2)
+    warnings.warn("the implicit layer's backward solve did not converge (the layer's backward_info, or the "
+                  "result's converged flag, has its SolveInfo); the gradient is approximate", stacklevel=2)
 
 
 def _finite(xs, what: str) -> None:
@@ -244,6 +245,17 @@ def _finite(xs, what: str) -> None:
     if not _wrapped(xs) and not bool(torch.stack([torch.isfinite(x).all() for x in xs]).all()):
         raise NonFiniteError(f"NaN or Inf in {what}: a derivative of the map is not finite at the solution "
                              "(e.g. sqrt or log at 0, or an overflow)")
+
+
+def _one_forward_level() -> None:
+    """Two nested forward-mode transforms (jvp of jvp, jacfwd of jacfwd or of hessian) give wrong derivatives
+    through any autograd.Function's jvp rule in torch (an Exp function with the exact rule returns 0 for
+    exp''): refuse them."""
+    if sum(type(i).__name__ == "JvpInterpreter" for i in retrieve_all_functorch_interpreters()) > 1:
+        raise NotImplementedError("nested forward-mode transforms (jvp of jvp, jacfwd of jacfwd or of hessian) "
+                                  "return wrong derivatives through torch's autograd.Function jvp rules: use reverse "
+                                  "mode for the outer derivatives (torch.func.jacrev of jacfwd, hessian, or jacrev "
+                                  "of hessian), which are exact")
 
 
 def _moved(tensors, dims, size: int, expand: int) -> List[Tensor]:
@@ -268,7 +280,7 @@ class _Solve(torch.autograd.Function):
     def forward(prob: _Problem, *tensors):
         n = prob.n_w
         out = prob.solve(tensors[:n], tensors[n:])
-        return tuple(t.clone() if any(t is s for s in tensors) else t for t in out)
+        return tuple(t.clone() for t in out)  # fresh storage: a map may return an input or a closed-over tensor
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -293,6 +305,7 @@ class _Solve(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, _prob, *tangents):
+        _one_forward_level()
         prob, n = ctx.prob, ctx.prob.n_w
         saved = ctx.saved_tensors
         ws, hs = saved[:n], saved[n:]
@@ -351,6 +364,7 @@ class _LinearSolve(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, _prob, _transpose, *tangents):
+        _one_forward_level()
         prob, n = ctx.prob, ctx.prob.n_w
         x, ws, hs = _LinearSolve._parts(ctx)
         bdot = _zeros_for(tangents[:n], x)

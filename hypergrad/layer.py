@@ -11,6 +11,7 @@ returning the solution, as in jaxopt.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from typing import Callable, List, Optional, Sequence
 
@@ -41,7 +42,9 @@ class ImplicitLayer:
 
     Args:
         optimality: F(params, hparams) -> list shaped like params, zero at the solution.
-        solver: the forward solver, ``solver(params0, hparams) -> params`` on graph-free tensors.
+        solver: the forward solver, ``solver(params0, hparams) -> (params, ForwardInfo)`` on graph-free
+            tensors (the decorators :func:`custom_root` and :func:`custom_fixed_point` take a plain
+            ``solver(params0, hparams) -> params``).
         backward_solver: a core solver for the adjoint (dF/dw)^T u = g: "gmres" (any operator, the default),
             "cg" (symmetric positive definite dF/dw: gradient maps, optimality = gradient of a convex loss),
             "minres", "fixed_point", "neumann", "cg_normaleq" or "dense".
@@ -60,6 +63,8 @@ class ImplicitLayer:
                  strict: bool = True, backward_options: Optional[dict] = None, name: str = "optimality_fn"):
         self.optimality, self.solver, self.name = optimality, solver, name
         extra = dict(backward_options or {})
+        if "maxiter" in extra:
+            raise TypeError("pass backward_maxiter=... instead of backward_options={'maxiter': ...}")
         maxiter = check_solver_call(backward_solver, SOLVERS, backward_maxiter, extra)
         self.options = dict(solver=backward_solver, strict=tl.check_flag(strict, "strict"),
                             warm_start=tl.check_flag(warm_start, "warm_start"), tol=backward_tol, rtol=backward_rtol,
@@ -77,12 +82,15 @@ class ImplicitLayer:
                 raise TypeError(f"{what} has dtype {t.dtype}; the implicit layer needs floating-point tensors")
         F = functools.partial(_checked, self.optimality, self.name)
         prob = _Problem(F, self._forward, len(params0), self.options, self)
-        return list(_Solve.apply(prob, *params0, *hparams))
+        # params0 is only a start: it gets no gradient, and its graph (a previous step's solution) is not kept
+        return list(_Solve.apply(prob, *[t.detach() for t in params0], *hparams))
 
     def _forward(self, w0: List[Tensor], hs: List[Tensor]) -> List[Tensor]:
         w, info = self.solver(w0, hs)
+        w = [t.detach() for t in tl.check_like(w, w0, "the forward solver's solution")]
+        _check_closure(self.optimality, w, hs, self.name)
         self.forward_info = info
-        return [t.detach() for t in w]
+        return w
 
     # called by the backward nodes
     def warm_adjoint(self, b: Sequence[Tensor]) -> Optional[List[Tensor]]:
@@ -95,6 +103,20 @@ class ImplicitLayer:
         self.backward_info, self.adjoint = info, [t.detach() for t in x]
 
 
+def _check_closure(fn, ws, hs, name: str) -> None:
+    """F must reach tensors that require grad only through its arguments: a closed-over tensor with a graph
+    (model weights not passed as hparams) would get no gradient, silently. One evaluation, one graph walk."""
+    with torch.enable_grad():
+        leaves = [w.detach().requires_grad_() for w in ws]
+        out = fn(leaves, [h.detach() for h in hs])
+    ours = {id(t) for t in leaves}
+    stray = [t for t in tl.graph_leaves([o for o in out if o.requires_grad]) if id(t) not in ours]
+    if stray:
+        raise ValueError(f"{name}(params, hparams) uses tensors that require grad but are not among its arguments "
+                         f"(shapes {[tuple(t.shape) for t in stray][:5]}): they would get no gradient. Pass them in "
+                         "hparams (and read them from there inside the map)")
+
+
 def _checked(fn, name: str, ws, hs) -> List[Tensor]:
     return tl.check_like(fn(list(ws), list(hs)), ws, f"{name}(params, hparams)")
 
@@ -103,9 +125,8 @@ class FixedPointLayer(ImplicitLayer):
     """w* = fp_map(w*, hparams), found from ``params0`` by ``solver`` ("anderson" or "fixed_point"; options in
     ``solver_options``: ``maxiter``, ``tol``, ``rtol``, ``memory``, ``beta``, ...), differentiable in hparams.
 
-    ``fixed_point_tol``: the largest accepted relative residual ||Phi(w) - w|| / ||w|| of the forward solution
-    (:class:`NotAFixedPointError` above it); None: the forward solver's own convergence test decides. The
-    other arguments are :class:`ImplicitLayer`'s.
+    The forward solver's stopping rule (per-tensor relative, see :mod:`hypergrad.forward_solvers`) decides when
+    the solution is a fixed point. The other arguments are :class:`ImplicitLayer`'s.
     """
 
     def __init__(self, fp_map: FpMap, solver: str = "anderson", *, maxiter: int = 1000, tol: Optional[float] = None,
@@ -114,7 +135,14 @@ class FixedPointLayer(ImplicitLayer):
             raise ValueError(f"unknown forward solver {solver!r}; choose one of {sorted(FORWARD_SOLVERS)}, or wrap "
                              "your own with hypergrad.custom_fixed_point(fp_map)(solver)")
         self.fp_map = fp_map
-        opts = dict(maxiter=maxiter, tol=tol, rtol=rtol, **(solver_options or {}))
+        extra = dict(solver_options or {})
+        valid = sorted(set(inspect.signature(FORWARD_SOLVERS[solver]).parameters) - {"fp", "w0", "maxiter", "tol", "rtol"})
+        for key in extra:
+            if key in ("maxiter", "tol", "rtol"):
+                raise TypeError(f"pass {key}=... to FixedPointLayer, not in solver_options")
+            if key not in valid:
+                raise TypeError(f"unknown option {key!r} for solver {solver!r}; its options are {valid}")
+        opts = dict(maxiter=maxiter, tol=tol, rtol=rtol, **extra)
 
         def forward(w0, hs):
             return FORWARD_SOLVERS[solver](lambda w: _evaluate(fp_map, w, hs, "fp_map(params, hparams)"), w0, **opts)
@@ -153,7 +181,10 @@ def custom_root(optimality_fn: FpMap, *, root_tol: Optional[float] = None, **bac
             r0 = float(tl.norm(_evaluate(optimality_fn, w0, hs, "optimality_fn(params, hparams)")))
             w = _run_user_solver(solver, w0, hs)
             r = float(tl.norm(_evaluate(optimality_fn, w, hs, "optimality_fn(params, hparams)")))
-            rel = r / max(r0, torch.finfo(w[0].dtype).tiny) if r > 0 else 0.0
+            if r == 0:
+                rel = 0.0
+            else:  # no relative scale when F(params0) is 0, NaN or Inf: any nonzero residual is unaccounted for
+                rel = r / r0 if math.isfinite(r0) and r0 > 0 else math.inf
             _check_root(r, rel, root_tol, w[0].dtype)
             return w, ForwardInfo("custom", 0, r, True, [r0, r])
         layer = ImplicitLayer(optimality_fn, forward, name="optimality_fn", **backward)

@@ -835,13 +835,18 @@ def normal_equations(matvec: MatVec, rmatvec: MatVec, b) -> Tuple[MatVec, List[T
 def solve_cg_normaleq(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: Optional[float] = None,
                       rtol: Optional[float] = None, check_every: Optional[int] = None,
                       divergence_factor: float = 1e6, rmatvec: Optional[MatVec] = None):
-    """CG on the normal equations A^T A x = A^T b (any nonsingular A). ``residual`` is ||A^T(b - A x)||."""
+    """CG on the normal equations A^T A x = A^T b (any nonsingular A). ``residual`` is ||A^T(b - A x)||;
+    ``converged`` also needs the true residual ||b - A x|| within the tolerance (one product more): on an
+    ill-conditioned A a small ||A^T r|| can hide a large r."""
     if rmatvec is None:
         raise ValueError("cg_normaleq needs rmatvec (products with A^T)")
     nmv, nb = normal_equations(matvec, rmatvec, b)
     x, info = solve_cg(nmv, nb, x0, maxiter=maxiter, tol=tol, rtol=rtol, check_every=check_every,
                        divergence_factor=divergence_factor)
-    return x, SolveInfo("cg_normaleq", 2 * info.iterations, info.residual, info.converged)
+    t, rt = resolve_tolerances(tol, rtol, b[0].dtype)
+    true = float(tl.norm(tl.sub(b, matvec(x))))
+    converged = bool(info.converged) and true <= max(t, rt * float(tl.norm(b)))
+    return x, SolveInfo("cg_normaleq", 2 * info.iterations + 1, info.residual, converged)
 
 
 SOLVERS: Dict[str, Callable] = {

@@ -1,6 +1,7 @@
 """Arithmetic and checks on lists of tensors (the ``params`` / ``hparams`` convention)."""
 from __future__ import annotations
 
+import collections
 import operator
 from typing import Callable, List, Optional, Sequence
 
@@ -81,6 +82,21 @@ def step_vjp(outputs: Sequence[Tensor], params: Sequence[Tensor], hparams: Seque
     outs, cots = zip(*pairs)
     g = grad_or_zeros(list(outs), list(params) + list(hparams), grad_outputs=list(cots), retain_graph=False)
     return g[:len(params)], g[len(params):]
+
+
+def graph_leaves(outputs: Sequence[Tensor]) -> TensorList:
+    """The leaf tensors that require grad and that ``outputs`` depend on (a breadth-first graph walk)."""
+    leaves = [o for o in outputs if o.requires_grad and o.grad_fn is None]
+    queue, seen = collections.deque(o.grad_fn for o in outputs if o.grad_fn is not None), set()
+    while queue:
+        fn = queue.popleft()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        if hasattr(fn, "variable"):
+            leaves.append(fn.variable)
+        queue.extend(nxt for nxt, _ in fn.next_functions)
+    return leaves
 
 
 def accumulate_grads(hparams: Sequence[Tensor], grads: Sequence[Tensor]) -> None:

@@ -371,3 +371,128 @@ def test_batched_anderson_gives_each_row_its_own_coefficients():
         assert rel(z[0][b], zb[0]) <= 1e-8
     with pytest.raises(ValueError, match="leading dimension"):
         hg.anderson(lambda ws: ws, [torch.zeros(3, dtype=DT), torch.zeros(4, dtype=DT)], batched=True)
+
+
+# ---------------------------------------------------------------- classes an independent tester found
+
+def test_nested_forward_mode_is_refused():
+    """jvp of jvp through any autograd.Function jvp rule returns wrong numbers in torch: refused, while
+    reverse-over-forward third derivatives are exact (w = lam^(1/3): w''' = 10/27 lam^(-8/3))."""
+    solve = hg.custom_root(lambda ws, hs: [ws[0] ** 3 - hs[0]], backward_solver="gmres")(
+        lambda ws, hs: [hs[0] ** (1 / 3)])
+    w = lambda l: solve([torch.ones((), dtype=DT)], [l])[0]
+    lam = torch.tensor(0.7, dtype=DT)
+    with pytest.raises(NotImplementedError, match="reverse mode"):
+        torch.func.jacfwd(torch.func.jacfwd(w))(lam)
+    third = torch.func.jacrev(torch.func.hessian(w))(lam)
+    assert abs(third.item() - 10 / 27 * 0.7 ** (-8 / 3)) <= 1e-8 * 10 / 27 * 0.7 ** (-8 / 3)
+
+
+def test_a_map_closing_over_a_tensor_with_a_graph_is_refused():
+    W = torch.tensor([[0.3, 0.1], [0.0, 0.2]], dtype=DT, requires_grad=True)
+    layer = hg.FixedPointLayer(lambda ws, hs: [torch.tanh(W @ ws[0] + hs[0])])
+    with pytest.raises(ValueError, match="not among its arguments"):
+        layer([torch.zeros(2, dtype=DT)], [torch.ones(2, dtype=DT, requires_grad=True)])
+    # passed as an hparam it gets its gradient: d/dW of c^T w* against the unrolled iteration
+    layer = hg.FixedPointLayer(lambda ws, hs: [torch.tanh(hs[1] @ ws[0] + hs[0])])
+    b = torch.ones(2, dtype=DT)
+    (layer([torch.zeros(2, dtype=DT)], [b, W])[0].sum()).backward()
+    Wr = W.detach().clone().requires_grad_()
+    z = torch.zeros(2, dtype=DT)
+    for _ in range(200):
+        z = torch.tanh(Wr @ z + b)
+    z.sum().backward()
+    assert rel(W.grad, Wr.grad) <= 1e-10
+
+
+def test_anderson_on_a_map_without_a_fixed_point_raises():
+    """Phi(w) = diag(0.5, 1) w + 1 has no fixed point; a relative test alone accepted ||w|| = 1e15."""
+    fp = lambda ws: [torch.tensor([0.5, 1.0], dtype=DT) * ws[0] + 1.0]
+    with pytest.raises(hg.DivergenceError, match="no fixed point"):
+        hg.anderson(fp, [torch.zeros(2, dtype=DT)])
+
+
+def test_solutions_are_checked_for_nan_and_non_roots_from_any_start():
+    with pytest.raises(hg.NonFiniteError):
+        hg.custom_fixed_point(lambda ws, hs: [0.5 * ws[0] + hs[0]])(lambda ws, hs: [ws[0] * float("nan")])(
+            [torch.ones(2, dtype=DT)], [torch.ones(2, dtype=DT)])
+    solve = hg.custom_root(lambda ws, hs: [torch.log(ws[0]) - hs[0]], root_tol=1e-6)(
+        lambda ws, hs: [torch.ones(2, dtype=DT)])  # F(params0 = 0) = -inf: no relative scale
+    with pytest.raises(hg.NotAFixedPointError):
+        solve([torch.zeros(2, dtype=DT)], [torch.ones(2, dtype=DT)])
+
+
+def test_a_small_tensor_beside_a_large_one_is_solved_to_the_documented_floor():
+    """Per-tensor relative stopping: a block 1e8 below the other is accurate to rtol * r * S / its scale
+    (r = 100 eps / rtol = 2.2e-4, S the large scale), not to rtol * S as one norm over both would give."""
+    big, small = torch.full((3,), 1e4, dtype=DT), torch.full((3,), 1e-4, dtype=DT)
+    fp = lambda ws, hs: [0.5 * ws[0] + 0.5 * big, 0.9 * ws[1] + 0.1 * hs[0]]
+    for solver in ("fixed_point", "anderson"):
+        w = hg.FixedPointLayer(fp, solver=solver)([torch.zeros(3, dtype=DT)] * 2, [small])
+        err = rel(w[1], small)
+        assert err <= 1e-10 * 2.3e-4 * 1e4 / 1e-4 * 10, (solver, err)  # 2.3e-4 x 10 (1/(1-0.9)) relative
+        assert rel(w[0], big) <= 1e-9
+
+
+def test_outputs_own_their_storage_and_params0_may_carry_a_graph():
+    target = torch.tensor([1.0, 2.0], dtype=DT)
+    layer = hg.FixedPointLayer(lambda ws, hs: [target + 0 * hs[0]], solver="fixed_point")
+    lam = torch.zeros(2, dtype=DT, requires_grad=True)
+    w = layer([torch.zeros(2, dtype=DT)], [lam])[0]
+    with torch.no_grad():
+        w.zero_()
+    assert torch.equal(target, torch.tensor([1.0, 2.0], dtype=DT))
+    # the usual DEQ loop: the next solve starts from the last solution (which has a graph)
+    layer = hg.FixedPointLayer(lambda ws, hs: [0.5 * torch.tanh(ws[0]) + hs[0]])
+    z = torch.zeros(2, dtype=DT)
+    for _ in range(3):
+        lam = torch.ones(2, dtype=DT, requires_grad=True)
+        z = layer([z], [lam])[0]
+        z.sum().backward()
+        assert torch.isfinite(lam.grad).all()
+
+
+def test_a_zero_cotangent_after_a_warm_start_and_a_zero_fixed_point():
+    X, y, Xv, yv, lam, step = ridge_data()
+    for solver in ("fixed_point", "neumann", "minres", "gmres", "cg"):
+        layer = hg.FixedPointLayer(ridge_gd_map(X, y, step), maxiter=3000, backward_solver=solver,
+                                   backward_maxiter=3000, warm_start=True)
+        for scale in (1.0, 0.0):  # the second cotangent is exactly zero
+            l = lam.clone().requires_grad_()
+            (scale * layer([torch.zeros(6, dtype=DT)], [l])[0].sum()).backward()
+        assert torch.equal(l.grad, torch.zeros(6, dtype=DT)) and layer.backward_info.converged
+    # y = 0: the fixed point is w* = 0, reached although ||w*|| = 0 leaves no relative scale of its own
+    for solver in ("fixed_point", "anderson"):
+        w = hg.FixedPointLayer(ridge_gd_map(X, 0 * y, step), solver=solver, maxiter=3000)(
+            [torch.ones(6, dtype=DT)], [lam])[0]
+        assert w.norm() <= 1e-12
+
+
+def test_bad_options_are_named():
+    fp = lambda ws, hs: [0.5 * ws[0] + hs[0]]
+    args = ([torch.zeros(2, dtype=DT)], [torch.ones(2, dtype=DT)])
+    with pytest.raises(ValueError, match="beta"):
+        hg.FixedPointLayer(fp, solver_options={"beta": 0.0})(*args)
+    with pytest.raises(TypeError, match="unknown option 'memroy'"):
+        hg.FixedPointLayer(fp, solver_options={"memroy": 3})
+    with pytest.raises(TypeError, match="maxiter=..."):
+        hg.FixedPointLayer(fp, solver_options={"maxiter": 3})
+    with pytest.raises(TypeError, match="backward_maxiter"):
+        hg.FixedPointLayer(fp, backward_options={"maxiter": 3})
+    with pytest.raises(ValueError, match="one dtype"):
+        hg.FixedPointLayer(lambda ws, hs: ws)([torch.zeros(2, dtype=DT), torch.zeros(2)], args[1])
+    wrong = hg.ImplicitLayer(lambda ws, hs: ws, lambda w0, hs: ([torch.zeros(5, dtype=DT)], None))
+    with pytest.raises(ValueError, match="solution"):
+        wrong(*args)
+
+
+def test_cg_normaleq_does_not_call_a_large_true_residual_converged():
+    """A non-normal operator (condition 7.8e10): ||A^T r|| small, ||r|| large; gmres solves it."""
+    n = 12
+    A = 0.5 * torch.eye(n, dtype=DT) + 4.0 * torch.diag(torch.ones(n - 1, dtype=DT), 1)
+    c = torch.randn(n, dtype=DT, generator=torch.Generator().manual_seed(n))
+    layer = hg.FixedPointLayer(lambda ws, hs: [A @ ws[0] + hs[0]], solver="anderson", maxiter=2000,
+                               backward_solver="cg_normaleq", backward_maxiter=2000)
+    lam = torch.zeros(n, dtype=DT, requires_grad=True)
+    with pytest.raises(hg.ConvergenceError):
+        (layer([torch.zeros(n, dtype=DT)], [lam])[0] @ c).backward()
