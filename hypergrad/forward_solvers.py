@@ -43,10 +43,6 @@ class ForwardInfo:
     residual_rel: float = float("nan")
 
 
-def _per_tensor(xs, ys) -> Tensor:
-    return torch.stack([(x * y).sum() for x, y in zip(xs, ys)])
-
-
 class _Progress:
     """The shared stopping rule and failure checks of the forward solvers."""
 
@@ -70,7 +66,7 @@ class _Progress:
         """Record the residual of ``w`` (``f`` = Phi(w)); True when it meets the tolerance. Raises on NaN/Inf
         and on divergence of the residual or of the iterates."""
         k = len(self.trace)
-        res, rel = fixed_point_residuals(w, f, _per_tensor, 0.0 if self.start is None else self.start, self.ratio)
+        res, rel = fixed_point_residuals(w, f, tl.dots, 0.0 if self.start is None else self.start, self.ratio)
         size = float(tl.norm(w))
         res, self.rel = float(res), float(rel)
         self.trace.append(res)

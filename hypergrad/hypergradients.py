@@ -9,7 +9,6 @@ Problem: min_lambda E(w(lambda), lambda) with w(lambda) = Phi(w(lambda), lambda)
 """
 from __future__ import annotations
 
-import collections
 import inspect
 import math
 import warnings
@@ -89,7 +88,7 @@ class _FixedPointSystem:
         tensors i (S the largest of those scales): a tensor far from its fixed point is not hidden by a larger
         converged one."""
         d, rel = fixed_point_residuals([p.detach() for p in self.params], [m.detach() for m in self.mapped()],
-                                       lambda xs, ys: torch.stack([(x * y).sum() for x, y in zip(xs, ys)]))
+                                       tl.dots)
         a, r = torch.stack([d, rel]).tolist()
         return a, r
 
@@ -362,15 +361,9 @@ def _check_depends(params, hparams) -> None:
                          "(hypergrad.cg, fixed_point) at a fixed point")
     targets = {id(h) for h in hparams}
     nodes = {id(h.grad_fn): None for h in hparams if h.grad_fn is not None}
-    queue, seen = collections.deque(p.grad_fn for p in params if p.grad_fn is not None), set()
-    while queue:
-        fn = queue.popleft()
-        if fn is None or id(fn) in seen:
-            continue
-        seen.add(id(fn))
+    for fn in tl.walk_graph(params):
         if id(fn) in nodes or id(getattr(fn, "variable", None)) in targets:
             return
-        queue.extend(nxt for nxt, _ in fn.next_functions)
     raise ValueError("reverse_unroll: params do not depend on hparams (their graph never reaches an hparam): the "
                      "hypergradient would be only dE/dlambda. Build the inner iterates from the hparams without "
                      "detaching them, or use an implicit method at a fixed point")

@@ -20,7 +20,7 @@ import inspect
 import math
 import sys
 import warnings
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Tuple
 
 import torch
 from torch import Tensor
@@ -29,11 +29,9 @@ from torch.overrides import TorchFunctionMode
 
 from . import tensor_list as tl
 from .errors import AUTOGRAD_UNDER_TORCH_FUNC, ConvergenceError, NonFiniteError
-from .forward_solvers import FORWARD_SOLVERS, ForwardInfo
 from .linear_solvers import SOLVERS, SolveInfo
 
 Optimality = Callable[[List[Tensor], List[Tensor]], List[Tensor]]
-Solver = Callable[[List[Tensor], List[Tensor]], List[Tensor]]
 
 
 class _NoAutogradGrad(TorchFunctionMode):
@@ -170,7 +168,11 @@ class _Problem:
         return [torch.stack([t[j] for t in tasks]).reshape(*self.sizes(), *tasks[0][j].shape) for j in range(self.n_w)]
 
     def solve_one(self, w0, hs):
-        return _Problem(self.F, self.forward, self.n_w, self.options, self.owner).solve(w0, hs)
+        return self.unbatched().solve(w0, hs)
+
+    def unbatched(self) -> "_Problem":
+        """The same problem for one task."""
+        return _Problem(self.F, self.forward, self.n_w, self.options, self.owner)
 
     # ---------------------------------------------------------------- backward
     def operator(self, transpose: bool, ws, hs):
@@ -210,7 +212,7 @@ class _Problem:
             _check(info, name, transpose, strict)
             return [t.reshape(*sizes, *t.shape[1:]) for t in x]
         tasks = []  # no batched kernel (gmres, minres, dense, cg_normaleq): one task at a time
-        base = _Problem(self.F, self.forward, self.n_w, self.options, self.owner)
+        base = self.unbatched()
         for i in _tasks(self.levels):
             bi = [t[i] for t in b]
             x, info = base._run(fn, name, transpose, bi, _task(ws, self.levels, 0, i),

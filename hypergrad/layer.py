@@ -13,18 +13,21 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import warnings
 from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from . import tensor_list as tl
+from .errors import FixedPointWarning, NonFiniteError, NotAFixedPointError
 from .forward_solvers import FORWARD_SOLVERS, ForwardInfo
-from .hypergradients import check_fixed_point, check_solver_call, fixed_point_residuals
+from .hypergradients import check_fixed_point, check_solver_call, fixed_point_residuals, fixed_point_warn_rtol
 from .implicit import _Problem, _Solve
 from .linear_solvers import SOLVERS, SolveInfo
 
 FpMap = Callable[[List[Tensor], List[Tensor]], List[Tensor]]
+Solver = Callable[[List[Tensor], List[Tensor]], List[Tensor]]
 
 
 def _evaluate(fn, ws, hs, name: str) -> List[Tensor]:
@@ -163,7 +166,7 @@ def custom_fixed_point(fp_map: FpMap, *, fixed_point_tol: Optional[float] = None
         def forward(w0, hs):
             w = _run_user_solver(solver, w0, hs)
             mapped = _evaluate(fp_map, w, hs, "fp_map(params, hparams)")
-            d, rel = fixed_point_residuals(w, mapped, lambda xs, ys: torch.stack([(x * y).sum() for x, y in zip(xs, ys)]))
+            d, rel = fixed_point_residuals(w, mapped, tl.dots)
             check_fixed_point(float(d), float(rel), fixed_point_tol, w[0].dtype)
             return w, ForwardInfo("custom", 0, float(d), True, [float(d)])
         layer = ImplicitLayer(functools.partial(_fixed_point_residual, fp_map), forward, name="fp_map", **backward)
@@ -192,9 +195,6 @@ def custom_root(optimality_fn: FpMap, *, root_tol: Optional[float] = None, **bac
     return wrap
 
 
-Solver = Callable[[List[Tensor], List[Tensor]], List[Tensor]]
-
-
 class _Bound:
     """A decorated solver: call it like the solver; ``.layer`` has the diagnostics."""
 
@@ -213,9 +213,7 @@ def _run_user_solver(solver, w0, hs) -> List[Tensor]:
 
 
 def _check_root(r: float, rel: float, root_tol: Optional[float], dtype) -> None:
-    import warnings
-    from .errors import FixedPointWarning, NonFiniteError, NotAFixedPointError
-    from .hypergradients import fixed_point_warn_rtol
+    """NaN/Inf raise; ||F(w)|| / ||F(params0)|| above ``root_tol`` raises, above 1e-3 warns when not given."""
     if not math.isfinite(r):
         raise NonFiniteError("optimality_fn(params, hparams) contains NaN or Inf at the solver's output")
     if root_tol is not None:

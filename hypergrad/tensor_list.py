@@ -23,6 +23,11 @@ def dot(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
     return total
 
 
+def dots(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
+    """[<x_i, y_i>] per tensor pair, stacked (the per-tensor inner products of the fixed-point residuals)."""
+    return torch.stack([(x * y).sum() for x, y in zip(xs, ys)])
+
+
 def norm(xs: Sequence[Tensor]) -> Tensor:
     """Euclidean norm of the concatenation of ``xs`` (0-d tensor)."""
     return torch.sqrt(dot(xs, xs))
@@ -84,19 +89,22 @@ def step_vjp(outputs: Sequence[Tensor], params: Sequence[Tensor], hparams: Seque
     return g[:len(params)], g[len(params):]
 
 
-def graph_leaves(outputs: Sequence[Tensor]) -> TensorList:
-    """The leaf tensors that require grad and that ``outputs`` depend on (a breadth-first graph walk)."""
-    leaves = [o for o in outputs if o.requires_grad and o.grad_fn is None]
+def walk_graph(outputs: Sequence[Tensor]):
+    """The autograd nodes ``outputs`` depend on, breadth first, each once."""
     queue, seen = collections.deque(o.grad_fn for o in outputs if o.grad_fn is not None), set()
     while queue:
         fn = queue.popleft()
         if fn is None or id(fn) in seen:
             continue
         seen.add(id(fn))
-        if hasattr(fn, "variable"):
-            leaves.append(fn.variable)
+        yield fn
         queue.extend(nxt for nxt, _ in fn.next_functions)
-    return leaves
+
+
+def graph_leaves(outputs: Sequence[Tensor]) -> TensorList:
+    """The leaf tensors that require grad and that ``outputs`` depend on."""
+    return [o for o in outputs if o.requires_grad and o.grad_fn is None] + [
+        fn.variable for fn in walk_graph(outputs) if hasattr(fn, "variable")]
 
 
 def accumulate_grads(hparams: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
