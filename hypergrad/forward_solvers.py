@@ -2,10 +2,10 @@
 
 Every solver has the signature ``solve(fp, w0, *, maxiter, tol, rtol, ...) -> (w, ForwardInfo)``, ``fp``
 mapping a list of tensors to a list of the same shapes. Stopping rule: ||Phi(w) - w|| <= tol, or for every
-tensor i ||Phi_i(w) - w_i|| <= rtol max(||w_i||, ||Phi_i(w)||, r S), with S the largest tensor's scale (at
-least the starting one, so a fixed point at 0 is reached) and r = min(1e-3, 100 eps / rtol) (2.2e-4 in
-float64 at the default rtol: a tensor smaller than r S converges to rtol r S absolute; pass ``tol`` for an
-absolute bound on it). See :func:`hypergrad.hypergradients.fixed_point_residuals`. Neither given:
+tensor i ||Phi_i(w) - w_i|| <= rtol max(||w_i||, ||Phi_i(w)||, r S, eps S0), with S the largest tensor's
+scale, r = min(1e-3, 100 eps / rtol) (2.2e-4 in float64 at the default rtol: a tensor smaller than r S
+converges to rtol r S absolute; pass ``tol`` for an absolute bound on it) and S0 the starting scale (so a
+fixed point at 0 is reached, by a residual eps S0 rtol). See :func:`hypergrad.hypergradients.fixed_point_residuals`. Neither given:
 ``rtol = default_rtol(dtype)`` (1e-10 in float64). NaN/Inf raise :class:`NonFiniteError`; a residual or an
 iterate ``divergence_factor`` times its start raises :class:`DivergenceError`; running out of iterations
 raises :class:`ConvergenceError` unless ``strict=False`` (then ``converged=False`` and a warning). The
@@ -60,13 +60,15 @@ class _Progress:
         self.rel, self.start = math.inf, None
         # a tensor far smaller than the largest one counts at ratio x its scale: the smallest ratio at which
         # rtol stays above rounding (100 eps of the largest), at most 1e-3
-        self.ratio = min(1e-3, 100 * torch.finfo(w0[0].dtype).eps / max(self.rtol, 1e-300))
+        self.eps = torch.finfo(w0[0].dtype).eps
+        self.ratio = min(1e-3, 100 * self.eps / max(self.rtol, 1e-300))
 
     def done(self, w: Sequence[Tensor], f: Sequence[Tensor]) -> bool:
         """Record the residual of ``w`` (``f`` = Phi(w)); True when it meets the tolerance. Raises on NaN/Inf
         and on divergence of the residual or of the iterates."""
         k = len(self.trace)
-        res, rel = fixed_point_residuals(w, f, tl.dots, 0.0 if self.start is None else self.start, self.ratio)
+        res, rel = fixed_point_residuals(w, f, tl.dots, 0.0 if self.start is None else self.start * self.eps,
+                                         self.ratio)
         size = float(tl.norm(w))
         res, self.rel = float(res), float(rel)
         self.trace.append(res)
@@ -75,7 +77,8 @@ class _Progress:
                                  "inputs; a smaller step size if it blows up)")
         if self.start is None:
             self.start = max(size, float(tl.norm(f)))
-        grew = size > self.factor * max(self.start, 1.0)
+        # iterates that grew far beyond their start while the residual did not fall: no fixed point to reach
+        grew = size > self.factor * max(self.start, torch.finfo(w[0].dtype).tiny) and res > 0.1 * self.trace[0]
         if res > self.factor * max(self.trace[0], torch.finfo(w[0].dtype).tiny) or grew:
             what = f"||w|| = {size:.3e}" if grew else f"||Phi(w) - w|| = {res:.3e}"
             raise DivergenceError(f"{self.name} diverges: {what} after {k} iterations (||Phi(w0) - w0|| = "

@@ -19,6 +19,7 @@ import contextlib
 import inspect
 import math
 import sys
+import threading
 import warnings
 from typing import Callable, List, Tuple
 
@@ -28,7 +29,7 @@ from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.overrides import TorchFunctionMode
 
 from . import tensor_list as tl
-from .errors import AUTOGRAD_UNDER_TORCH_FUNC, ConvergenceError, NonFiniteError
+from .errors import AUTOGRAD_UNDER_TORCH_FUNC, ConvergenceError, HypergradError, NonFiniteError
 from .linear_solvers import SOLVERS, SolveInfo
 
 Optimality = Callable[[List[Tensor], List[Tensor]], List[Tensor]]
@@ -98,8 +99,12 @@ def _jvp(f, primals, tangents) -> Tuple[Tensor, ...]:
     only, so maps built on torch.autograd.grad work)."""
     primals, tangents = tuple(primals), tuple(tangents)
     if _wrapped(primals + tangents):
-        with _guard():
-            return torch.func.jvp(f, primals, tangents)[1]
+        _OWN_JVP_LEVELS.n += 1  # a level of our own, not the user's: see _one_forward_level
+        try:
+            with _guard():
+                return torch.func.jvp(f, primals, tangents)[1]
+        finally:
+            _OWN_JVP_LEVELS.n -= 1
     create = torch.is_grad_enabled()
     with torch.enable_grad():
         leaves, out = _graph(f, primals, create)
@@ -208,7 +213,7 @@ class _Problem:
             op = self.operator(transpose, ws, hs)
             flat = lambda xs: [t.reshape(B, *t.shape[L:]) for t in xs]
             matvec = lambda u: flat(op([t.reshape(*sizes, *t.shape[1:]) for t in u]))
-            x, info = fn(matvec, flat(b), None, batched=True, **opts)
+            x, info = _in_context(name, transpose, lambda: fn(matvec, flat(b), None, batched=True, **opts))
             _check(info, name, transpose, strict)
             return [t.reshape(*sizes, *t.shape[1:]) for t in x]
         tasks = []  # no batched kernel (gmres, minres, dense, cg_normaleq): one task at a time
@@ -224,7 +229,17 @@ class _Problem:
     def _run(self, fn, name, transpose, b, ws, hs, x0, opts):
         if name == "cg_normaleq":
             opts = dict(opts, rmatvec=self.operator(not transpose, ws, hs))
-        return fn(self.operator(transpose, ws, hs), b, x0, **opts)
+        return _in_context(name, transpose, lambda: fn(self.operator(transpose, ws, hs), b, x0, **opts))
+
+
+def _in_context(name: str, transpose: bool, solve):
+    """Run a core solve; its failures re-raised with the same class, saying where they happened."""
+    try:
+        return solve()
+    except HypergradError as e:
+        what = "adjoint (dF/dw)^T u = g" if transpose else "tangent (dF/dw) x = b"
+        raise type(e)(f"in the implicit layer's {what} solve (backward_solver={name!r}; NaN or Inf here means a "
+                      f"derivative of the map is not finite at the solution): {e}") from e
 
 
 def _check(info: SolveInfo, name: str, transpose: bool, strict: bool) -> None:
@@ -249,11 +264,16 @@ def _finite(xs, what: str) -> None:
                              "(e.g. sqrt or log at 0, or an overflow)")
 
 
+_OWN_JVP_LEVELS = threading.local()
+_OWN_JVP_LEVELS.n = 0
+
+
 def _one_forward_level() -> None:
     """Two nested forward-mode transforms (jvp of jvp, jacfwd of jacfwd or of hessian) give wrong derivatives
     through any autograd.Function's jvp rule in torch (an Exp function with the exact rule returns 0 for
     exp''): refuse them."""
-    if sum(type(i).__name__ == "JvpInterpreter" for i in retrieve_all_functorch_interpreters()) > 1:
+    levels = sum(type(i).__name__ == "JvpInterpreter" for i in retrieve_all_functorch_interpreters())
+    if levels - getattr(_OWN_JVP_LEVELS, "n", 0) > 1:
         raise NotImplementedError("nested forward-mode transforms (jvp of jvp, jacfwd of jacfwd or of hessian) "
                                   "return wrong derivatives through torch's autograd.Function jvp rules: use reverse "
                                   "mode for the outer derivatives (torch.func.jacrev of jacfwd, hessian, or jacrev "

@@ -23,7 +23,7 @@ from . import tensor_list as tl
 from .errors import FixedPointWarning, NonFiniteError, NotAFixedPointError
 from .forward_solvers import FORWARD_SOLVERS, ForwardInfo
 from .hypergradients import check_fixed_point, check_solver_call, fixed_point_residuals, fixed_point_warn_rtol
-from .implicit import _Problem, _Solve
+from .implicit import _Problem, _Solve, retrieve_all_functorch_interpreters
 from .linear_solvers import SOLVERS, SolveInfo
 
 FpMap = Callable[[List[Tensor], List[Tensor]], List[Tensor]]
@@ -84,6 +84,9 @@ class ImplicitLayer:
                 what = f"params0[{i}]" if i < len(params0) else f"hparams[{i - len(params0)}]"
                 raise TypeError(f"{what} has dtype {t.dtype}; the implicit layer needs floating-point tensors")
         F = functools.partial(_checked, self.optimality, self.name)
+        self._grad_on = torch.is_grad_enabled()  # under no_grad no gradient can be lost to a closure
+        if _transformed():
+            _check_transformed_closure(F, params0, hparams, self.name)
         prob = _Problem(F, self._forward, len(params0), self.options, self)
         # params0 is only a start: it gets no gradient, and its graph (a previous step's solution) is not kept
         return list(_Solve.apply(prob, *[t.detach() for t in params0], *hparams))
@@ -91,7 +94,8 @@ class ImplicitLayer:
     def _forward(self, w0: List[Tensor], hs: List[Tensor]) -> List[Tensor]:
         w, info = self.solver(w0, hs)
         w = [t.detach() for t in tl.check_like(w, w0, "the forward solver's solution")]
-        _check_closure(self.optimality, w, hs, self.name)
+        if getattr(self, "_grad_on", True):
+            _check_closure(self.optimality, w, hs, self.name)
         self.forward_info = info
         return w
 
@@ -116,8 +120,49 @@ def _check_closure(fn, ws, hs, name: str) -> None:
     stray = [t for t in tl.graph_leaves([o for o in out if o.requires_grad]) if id(t) not in ours]
     if stray:
         raise ValueError(f"{name}(params, hparams) uses tensors that require grad but are not among its arguments "
-                         f"(shapes {[tuple(t.shape) for t in stray][:5]}): they would get no gradient. Pass them in "
-                         "hparams (and read them from there inside the map)")
+                         f"(shapes {[tuple(t.shape) for t in stray][:5]}), or reads an hparam by closure instead of "
+                         "from its hparams argument: they would get no gradient. Pass them in hparams and read them "
+                         "from there inside the map")
+
+
+def _transformed() -> bool:
+    """A torch.func transform or a forward-mode AD level is active."""
+    return bool(retrieve_all_functorch_interpreters()) or torch.autograd.forward_ad._current_level >= 0
+
+
+def _check_transformed_closure(F, params0, hparams, name: str) -> None:
+    """Under torch.func (or forward AD) a closed-over tensor that the transform tracks would silently get a zero
+    derivative: F on plain tensors must give untracked tensors (one evaluation, before the node hides the
+    transform). Seen: reverse-mode levels (grad, jacrev, hessian), vmap, and torch.autograd.forward_ad; not a
+    closure under a forward-only torch.func.jvp/jacfwd."""
+    plain = lambda ts: [torch.zeros(tuple(t.shape), dtype=t.dtype, device=t.device) + _value(t) for t in ts]
+    try:
+        out = F(plain(params0), plain(hparams))
+    except Exception:  # a map that needs params with grad (hypertorch's): the autograd.grad guard refuses it
+        return
+    if any(_tracked(o) for o in out):
+        raise ValueError(f"{name}(params, hparams) uses a tensor that a torch.func transform (or forward-mode AD) is "
+                         "differentiating or batching, but not through its arguments: its derivative would be 0. "
+                         "Pass it in hparams and read it from there inside the map")
+
+
+def _tracked(t: Tensor) -> bool:
+    """``t`` is batched, differentiated by a reverse-mode transform level, or has a forward-AD tangent."""
+    F = torch._C._functorch
+    while F.is_functorch_wrapped_tensor(t):
+        if F.is_batchedtensor(t) or t.requires_grad:
+            return True
+        t = F.get_unwrapped(t)
+    return torch.autograd.forward_ad._current_level >= 0 and torch.autograd.forward_ad.unpack_dual(t).tangent is not None
+
+
+def _value(t: Tensor) -> Tensor:
+    """The plain values of a tensor a transform wraps (zeros where a batch hides them)."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        if torch._C._functorch.is_batchedtensor(t):
+            return torch.zeros((), dtype=t.dtype, device=t.device)
+        t = torch._C._functorch.get_unwrapped(t)
+    return torch.autograd.forward_ad.unpack_dual(t).primal.detach()
 
 
 def _checked(fn, name: str, ws, hs) -> List[Tensor]:

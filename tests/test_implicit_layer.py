@@ -496,3 +496,48 @@ def test_cg_normaleq_does_not_call_a_large_true_residual_converged():
     lam = torch.zeros(n, dtype=DT, requires_grad=True)
     with pytest.raises(hg.ConvergenceError):
         (layer([torch.zeros(n, dtype=DT)], [lam])[0] @ c).backward()
+
+
+def test_closures_under_torch_func_are_refused_and_under_no_grad_allowed():
+    """A closed-over tensor that torch.func differentiates or batches would get derivative 0 (central
+    differences: nonzero): refused; under no_grad nothing can be lost, so the same map runs."""
+    A = torch.tensor([[0.3, 0.1, 0.0], [0.0, 0.2, 0.1], [0.1, 0.0, 0.3]], dtype=DT)
+    lam = torch.ones(3, dtype=DT)
+    x = torch.tensor([0.2, -0.1, 0.4], dtype=DT)
+    layer_of = lambda x_: hg.FixedPointLayer(lambda ws, hs: [0.5 * torch.tanh(A @ ws[0] + x_) * hs[0]])
+    f = lambda x_: layer_of(x_)([torch.zeros(3, dtype=DT)], [lam])[0].sum()
+    with pytest.raises(ValueError, match="torch.func transform"):
+        torch.func.grad(f)(x)
+    with pytest.raises(ValueError, match="torch.func transform"):
+        torch.vmap(f)(torch.stack([x, 2 * x]))
+    W = torch.nn.Parameter(A.clone())
+    with torch.no_grad():
+        w = hg.FixedPointLayer(lambda ws, hs: [0.5 * torch.tanh(W @ ws[0] + x) * hs[0]])([torch.zeros(3, dtype=DT)], [lam])[0]
+    assert rel(w, 0.5 * torch.tanh(A @ w + x) * lam) <= 1e-10
+
+
+def test_a_far_start_a_huge_fixed_point_and_nested_layers():
+    c = torch.tensor([1.0, 2.0, 3.0], dtype=DT)
+    for solver in ("fixed_point", "anderson"):  # start 1e10 x the fixed point: still solved to rtol
+        w, info = hg.FORWARD_SOLVERS[solver](lambda ws: [0.9 * ws[0] + 0.1 * c], [torch.full((3,), 1e10, dtype=DT)],
+                                             maxiter=5000)
+        assert rel(w[0], c) <= 1e-8, (solver, rel(w[0], c))
+    # a contraction whose fixed point is 1e7 x its first step is no divergence
+    b = torch.tensor([0.5, 1.0], dtype=DT)
+    w, info = hg.anderson(lambda ws: [ws[0] - 0.5 * (torch.tensor([1.0, 1e-7], dtype=DT) * ws[0] - b)],
+                          [torch.zeros(2, dtype=DT)])
+    # no false DivergenceError; the error is within the residual bound rtol ||w|| / (1 - rho), 1 - rho = 5e-8
+    assert info.converged and rel(w[0], torch.tensor([0.5, 1e7], dtype=DT)) <= 1e-10 / 5e-8 * 1.5
+    # a layer inside a layer's map (a bilevel inside a bilevel): hessian by torch.func = double backward
+    inner = hg.FixedPointLayer(lambda ws, hs: [0.5 * torch.tanh(ws[0] + hs[0])])
+    outer = hg.FixedPointLayer(lambda ws, hs: [0.3 * torch.sin(inner([torch.zeros(3, dtype=DT)], [ws[0]])[0]) + hs[0]])
+    F = lambda l: (outer([torch.zeros(3, dtype=DT)], [l])[0] ** 2).sum()
+    lam = torch.tensor([0.3, -0.2, 0.5], dtype=DT)
+    l = lam.clone().requires_grad_()
+    g = torch.autograd.grad(F(l), l, create_graph=True)[0]
+    H2 = torch.stack([torch.autograd.grad(g[i], l, retain_graph=True)[0] for i in range(3)])
+    assert rel(torch.func.hessian(F)(lam), H2) <= 1e-8
+    h = 1e-5
+    H_fd = torch.stack([(torch.func.grad(F)(lam + h * e) - torch.func.grad(F)(lam - h * e)) / (2 * h)
+                        for e in torch.eye(3, dtype=DT)])
+    assert rel(H2, H_fd) <= 1e-7
