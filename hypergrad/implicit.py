@@ -238,8 +238,9 @@ def _in_context(name: str, transpose: bool, solve):
         return solve()
     except HypergradError as e:
         what = "adjoint (dF/dw)^T u = g" if transpose else "tangent (dF/dw) x = b"
-        raise type(e)(f"in the implicit layer's {what} solve (backward_solver={name!r}; NaN or Inf here means a "
-                      f"derivative of the map is not finite at the solution): {e}") from e
+        nan = "; NaN or Inf here means a derivative of the map is not finite at the solution" if isinstance(
+            e, NonFiniteError) else ""
+        raise type(e)(f"in the implicit layer's {what} solve (backward_solver={name!r}{nan}): {e}") from e
 
 
 def _check(info: SolveInfo, name: str, transpose: bool, strict: bool) -> None:

@@ -85,11 +85,12 @@ class ImplicitLayer:
                 raise TypeError(f"{what} has dtype {t.dtype}; the implicit layer needs floating-point tensors")
         F = functools.partial(_checked, self.optimality, self.name)
         self._grad_on = torch.is_grad_enabled()  # under no_grad no gradient can be lost to a closure
-        if _transformed():
-            _check_transformed_closure(F, params0, hparams, self.name)
         prob = _Problem(F, self._forward, len(params0), self.options, self)
         # params0 is only a start: it gets no gradient, and its graph (a previous step's solution) is not kept
-        return list(_Solve.apply(prob, *[t.detach() for t in params0], *hparams))
+        out = list(_Solve.apply(prob, *[t.detach() for t in params0], *hparams))
+        if _transformed():  # here, outside the node, the transforms are visible
+            _check_transformed_closure(F, out, hparams, self.name)
+        return out
 
     def _forward(self, w0: List[Tensor], hs: List[Tensor]) -> List[Tensor]:
         w, info = self.solver(w0, hs)
@@ -132,8 +133,8 @@ def _transformed() -> bool:
 
 def _check_transformed_closure(F, params0, hparams, name: str) -> None:
     """Under torch.func (or forward AD) a closed-over tensor that the transform tracks would silently get a zero
-    derivative: F on plain tensors must give untracked tensors (one evaluation, before the node hides the
-    transform). Seen: reverse-mode levels (grad, jacrev, hessian), vmap, and torch.autograd.forward_ad; not a
+    derivative: F on plain copies of the solution and hparams (a batch's first task) must give untracked
+    tensors. Seen: reverse-mode levels (grad, jacrev, hessian), vmap, and torch.autograd.forward_ad; not a
     closure under a forward-only torch.func.jvp/jacfwd."""
     plain = lambda ts: [torch.zeros(tuple(t.shape), dtype=t.dtype, device=t.device) + _value(t) for t in ts]
     try:
@@ -157,11 +158,14 @@ def _tracked(t: Tensor) -> bool:
 
 
 def _value(t: Tensor) -> Tensor:
-    """The plain values of a tensor a transform wraps (zeros where a batch hides them)."""
-    while torch._C._functorch.is_functorch_wrapped_tensor(t):
-        if torch._C._functorch.is_batchedtensor(t):
-            return torch.zeros((), dtype=t.dtype, device=t.device)
-        t = torch._C._functorch.get_unwrapped(t)
+    """The plain values of a tensor a transform wraps (of the first task where a vmap batches it)."""
+    F = torch._C._functorch
+    while F.is_functorch_wrapped_tensor(t):
+        batched = F.is_batchedtensor(t)
+        bdim = F.maybe_get_bdim(t) if batched else None
+        t = F.get_unwrapped(t)
+        if batched:
+            t = t.select(bdim, 0)
     return torch.autograd.forward_ad.unpack_dual(t).primal.detach()
 
 
