@@ -57,7 +57,8 @@ class ImplicitLayer:
         strict: a backward solve that does not converge raises :class:`ConvergenceError` (else warns).
         backward_options: more options of the backward solver (``restart``, ``check_every``, ...).
 
-    After a call, ``forward_info`` is the forward solve's :class:`ForwardInfo`; after a backward pass,
+    After a call, ``forward_info`` is the forward solve's :class:`ForwardInfo` (under vmap: a list, one per
+    task); after a first-order backward pass outside vmap,
     ``backward_info`` is the last adjoint solve's :class:`SolveInfo` and ``adjoint`` its solution.
     """
 

@@ -119,6 +119,7 @@ def test_vmap_over_16_ridge_tasks_equals_the_loop():
         layer = hg.FixedPointLayer(ridge_gd_map(X, y, step), maxiter=2000, backward_solver=solver)
         F = lambda l: 0.5 * ((Xv @ layer([torch.zeros(6, dtype=DT)], [l])[0] - yv) ** 2).sum()
         batched = torch.vmap(torch.func.grad(F))(lams)
+        assert len(layer.forward_info) == 16 and all(i.converged for i in layer.forward_info)
         loop = torch.stack([torch.func.grad(F)(l) for l in lams])
         assert rel(batched, loop) <= 1e-10
         ref = torch.stack([torch.func.grad(ridge_closed_form(X, y, Xv, yv))(l) for l in lams])
