@@ -81,10 +81,30 @@ def _pull(out, leaves, cotangents, create: bool) -> Tuple[Tensor, ...]:
                                   retain_graph=True, create_graph=create))
 
 
+def _data_fixed(f, primals):
+    """(f of the floating-point primals only, their indices): integer primals (labels) are data, not variables."""
+    idx = [i for i, p in enumerate(primals) if p.is_floating_point()]
+    if len(idx) == len(primals):
+        return None, idx
+
+    def g(*sub):
+        args = list(primals)
+        for i, t in zip(idx, sub):
+            args[i] = t
+        return f(*args)
+    return g, idx
+
+
 def _vjp(f, primals, cotangents) -> Tuple[Tensor, ...]:
     """(df/dprimals)^T cotangents, differentiable: torch.func under a transform, else autograd (with
-    create_graph when grad mode is on, as in a double backward)."""
+    create_graph when grad mode is on, as in a double backward). None for integer primals."""
     primals, cotangents = tuple(primals), tuple(cotangents)
+    g, idx = _data_fixed(f, primals)
+    if g is not None:
+        out = [None] * len(primals)
+        for i, r in zip(idx, _vjp(g, [primals[i] for i in idx], cotangents)):
+            out[i] = r
+        return tuple(out)
     if _wrapped(primals + cotangents):
         with _guard():
             return torch.func.vjp(f, *primals)[1](cotangents)
@@ -96,8 +116,11 @@ def _vjp(f, primals, cotangents) -> Tuple[Tensor, ...]:
 
 def _jvp(f, primals, tangents) -> Tuple[Tensor, ...]:
     """(df/dprimals) tangents: forward mode under a transform, else the transpose of a VJP (reverse mode
-    only, so maps built on torch.autograd.grad work)."""
+    only, so maps built on torch.autograd.grad work). Integer primals have no tangent."""
     primals, tangents = tuple(primals), tuple(tangents)
+    g, idx = _data_fixed(f, primals)
+    if g is not None:
+        return _jvp(g, [primals[i] for i in idx], [tangents[i] for i in idx])
     if _wrapped(primals + tangents):
         _OWN_JVP_LEVELS.n += 1  # a level of our own, not the user's: see _one_forward_level
         try:
@@ -263,7 +286,8 @@ def _check(info: SolveInfo, name: str, transpose: bool, strict: bool) -> None:
 
 def _finite(xs, what: str) -> None:
     """NaN/Inf in a derivative of the map raise (outside torch.func transforms, where they can be read)."""
-    if not _wrapped(xs) and not bool(torch.stack([torch.isfinite(x).all() for x in xs]).all()):
+    xs = [x for x in xs if x is not None]
+    if xs and not _wrapped(xs) and not bool(torch.stack([torch.isfinite(x).all() for x in xs]).all()):
         raise NonFiniteError(f"NaN or Inf in {what}: a derivative of the map is not finite at the solution "
                              "(e.g. sqrt or log at 0, or an overflow)")
 

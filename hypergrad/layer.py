@@ -80,10 +80,9 @@ class ImplicitLayer:
     def __call__(self, params0: Sequence[Tensor], hparams: Sequence[Tensor]) -> List[Tensor]:
         params0 = tl.as_tensor_list(params0, "params0")
         hparams = tl.as_tensor_list(hparams, "hparams")
-        for i, t in enumerate(params0 + hparams):
+        for i, t in enumerate(params0):  # integer hparams (labels, indices) are data: no derivative
             if not t.is_floating_point():
-                what = f"params0[{i}]" if i < len(params0) else f"hparams[{i - len(params0)}]"
-                raise TypeError(f"{what} has dtype {t.dtype}; the implicit layer needs floating-point tensors")
+                raise TypeError(f"params0[{i}] has dtype {t.dtype}; the solution must be floating-point")
         F = functools.partial(_checked, self.optimality, self.name)
         self._grad_on = torch.is_grad_enabled()  # under no_grad no gradient can be lost to a closure
         prob = _Problem(F, self._forward, len(params0), self.options, self)

@@ -304,8 +304,8 @@ def test_forward_failures_raise():
     with pytest.raises(hg.ConvergenceError, match="maxiter"):
         hg.fixed_point_solve(lambda ws, hs: [0.999 * ws[0] + hs[0]], [torch.zeros(3, dtype=DT)],
                              [torch.ones(3, dtype=DT)], solver="fixed_point", maxiter=50)
-    with pytest.raises(TypeError, match="hparams\\[0\\]"):
-        hg.fixed_point_solve(lambda ws, hs: ws, [torch.zeros(3, dtype=DT)], [torch.ones(3, dtype=torch.long)])
+    with pytest.raises(TypeError, match="params0\\[0\\]"):
+        hg.fixed_point_solve(lambda ws, hs: ws, [torch.zeros(3, dtype=torch.long)], [torch.ones(3, dtype=DT)])
     with pytest.raises(ValueError, match="fp_map"):
         hg.fixed_point_solve(lambda ws, hs: [ws[0][:2]], [torch.zeros(3, dtype=DT)], [torch.ones(3, dtype=DT)])
 
@@ -565,3 +565,22 @@ def test_a_closure_reached_only_at_the_solution_is_refused_under_torch_func():
         [torch.zeros(2, dtype=DT)], [As[0], torch.ones(2, dtype=DT), s_])[0].sum()
     e = 1e-6
     assert abs(torch.func.grad(h)(s).item() - (h(s + e) - h(s - e)).item() / (2 * e)) <= 1e-7
+
+
+def test_integer_hparams_are_data_under_backward_vmap_and_hessian():
+    """Labels passed as an integer hparam (per task under vmap): the same derivatives as with float labels."""
+    X, y, Xv, yv, lam, step = ridge_data()
+    labels = torch.randint(0, 3, (24,), generator=torch.Generator().manual_seed(4))
+    fp = lambda ws, hs: [ws[0] - step * (X.T @ (X @ ws[0] - hs[1].to(DT)) + torch.exp(hs[0]) * ws[0])]
+    layer = hg.FixedPointLayer(fp, maxiter=3000, backward_solver="cg")
+    F = lambda l, yy: 0.5 * ((Xv @ layer([torch.zeros(6, dtype=DT)], [l, yy])[0] - yv) ** 2).sum()
+    ref = lambda l, yy: torch.func.grad(ridge_closed_form(X, yy.to(DT), Xv, yv))(l)
+    l = lam.clone().requires_grad_()
+    F(l, labels).backward()
+    assert rel(l.grad, ref(lam, labels)) <= 1e-8
+    tasks = torch.randint(0, 3, (4, 24), generator=torch.Generator().manual_seed(5))
+    lams = lam + 0.1 * torch.randn(4, 6, dtype=DT, generator=torch.Generator().manual_seed(6))
+    g = torch.vmap(torch.func.grad(F))(lams, tasks)
+    assert rel(g, torch.stack([ref(a, b) for a, b in zip(lams, tasks)])) <= 1e-8
+    H = torch.func.hessian(F)(lam, labels)
+    assert rel(H, torch.func.hessian(ridge_closed_form(X, labels.to(DT), Xv, yv))(lam)) <= 1e-8
