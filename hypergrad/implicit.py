@@ -82,8 +82,9 @@ def _pull(out, leaves, cotangents, create: bool) -> Tuple[Tensor, ...]:
 
 
 def _data_fixed(f, primals):
-    """(f of the floating-point primals only, their indices): integer primals (labels) are data, not variables."""
-    idx = [i for i, p in enumerate(primals) if p.is_floating_point()]
+    """(f of the floating-point primals only, their indices): integer and bool primals (labels, masks) are data,
+    not variables (complex ones are refused by the layer)."""
+    idx = [i for i, p in enumerate(primals) if p.is_floating_point() or p.is_complex()]
     if len(idx) == len(primals):
         return None, idx
 

@@ -83,6 +83,10 @@ class ImplicitLayer:
         for i, t in enumerate(params0):  # integer hparams (labels, indices) are data: no derivative
             if not t.is_floating_point():
                 raise TypeError(f"params0[{i}] has dtype {t.dtype}; the solution must be floating-point")
+        for i, t in enumerate(hparams):
+            if t.is_complex():
+                raise TypeError(f"hparams[{i}] has dtype {t.dtype}; complex hparams are not supported (pass the real "
+                                "and imaginary parts as two real tensors)")
         F = functools.partial(_checked, self.optimality, self.name)
         self._grad_on = torch.is_grad_enabled()  # under no_grad no gradient can be lost to a closure
         prob = _Problem(F, self._forward, len(params0), self.options, self)

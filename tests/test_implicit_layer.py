@@ -584,3 +584,5 @@ def test_integer_hparams_are_data_under_backward_vmap_and_hessian():
     assert rel(g, torch.stack([ref(a, b) for a, b in zip(lams, tasks)])) <= 1e-8
     H = torch.func.hessian(F)(lam, labels)
     assert rel(H, torch.func.hessian(ridge_closed_form(X, labels.to(DT), Xv, yv))(lam)) <= 1e-8
+    with pytest.raises(TypeError, match="complex"):  # not data: a variable the layer cannot differentiate
+        layer([torch.zeros(6, dtype=DT)], [lam, torch.ones(24, dtype=torch.complex128)])
