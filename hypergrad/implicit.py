@@ -123,7 +123,7 @@ def _jvp(f, primals, tangents) -> Tuple[Tensor, ...]:
     if g is not None:
         return _jvp(g, [primals[i] for i in idx], [tangents[i] for i in idx])
     if _wrapped(primals + tangents):
-        _OWN_JVP_LEVELS.n += 1  # a level of our own, not the user's: see _one_forward_level
+        _OWN_JVP_LEVELS.n = getattr(_OWN_JVP_LEVELS, "n", 0) + 1  # our own level, not the user's (thread-local)
         try:
             with _guard():
                 return torch.func.jvp(f, primals, tangents)[1]
