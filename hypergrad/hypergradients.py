@@ -218,15 +218,14 @@ def _differentiable(params, hparams, fp_map, outer_loss, solver, K, tol, rtol, v
                          f"with {'stochastic=True' if stochastic else 'an explicit operator'}")
     with torch.enable_grad():
         params, hparams = tl.check_inputs(params, hparams)
-        system = _FixedPointSystem(tl.detached_leaves(params), hparams, fp_map, False, False)
-        fp_abs, fp_rel = system.residual()
-        check_fixed_point(fp_abs, fp_rel, fixed_point_tol, params[0].dtype)
-        solve = custom_fixed_point(fp_map, fixed_point_tol=math.inf, backward_solver=solver, backward_maxiter=K,
+        # the layer's forward checks params as a fixed point (check_fixed_point) and reports its residuals
+        solve = custom_fixed_point(fp_map, fixed_point_tol=fixed_point_tol, backward_solver=solver, backward_maxiter=K,
                                    backward_tol=tol, backward_rtol=rtol, strict=False, warm_start=v0 is not None,
                                    backward_options=solver_options)(lambda w0, h: w0)
         if v0 is not None:
             solve.layer.adjoint = tl.check_like(v0, params, "v0 (warm start)")
         w = solve(params, hparams)
+        fp_abs, fp_rel = solve.layer.forward_info.residual, solve.layer.forward_info.residual_rel
         loss = tl.scalar_loss(outer_loss, w, hparams, "outer_loss(params, hparams)")
         with warnings.catch_warnings():  # an unconverged adjoint is reported in the result, as without create_graph
             warnings.filterwarnings("ignore", message="the implicit layer's backward solve did not converge")

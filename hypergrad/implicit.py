@@ -194,13 +194,10 @@ class _Problem:
             return self.forward([t.detach() for t in w0], [h.detach() for h in hs])
         tasks, infos = [], []
         for i in _tasks(self.levels):
-            tasks.append(self.solve_one(_task(w0, self.levels, 0, i), _task(hs, self.levels, self.n_w, i)))
+            tasks.append(self.unbatched().solve(_task(w0, self.levels, 0, i), _task(hs, self.levels, self.n_w, i)))
             infos.append(self.owner.forward_info)
         self.owner.forward_info = infos  # one ForwardInfo per task, in the batch's (flattened) order
         return [torch.stack([t[j] for t in tasks]).reshape(*self.sizes(), *tasks[0][j].shape) for j in range(self.n_w)]
-
-    def solve_one(self, w0, hs):
-        return self.unbatched().solve(w0, hs)
 
     def unbatched(self) -> "_Problem":
         """The same problem for one task."""

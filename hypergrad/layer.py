@@ -221,7 +221,7 @@ def custom_fixed_point(fp_map: FpMap, *, fixed_point_tol: Optional[float] = None
             mapped = _evaluate(fp_map, w, hs, "fp_map(params, hparams)")
             d, rel = fixed_point_residuals(w, mapped, tl.dots)
             check_fixed_point(float(d), float(rel), fixed_point_tol, w[0].dtype)
-            return w, ForwardInfo("custom", 0, float(d), True, [float(d)])
+            return w, ForwardInfo("custom", 0, float(d), True, [float(d)], float(rel))
         layer = ImplicitLayer(functools.partial(_fixed_point_residual, fp_map), forward, name="fp_map", **backward)
         return functools.wraps(solver)(_Bound(layer))
     return wrap
