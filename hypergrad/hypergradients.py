@@ -56,18 +56,43 @@ class HypergradResult:
     fp_residual_rel: float = float("nan")
 
 
-class _FixedPointSystem:
-    """The adjoint system (I - J^T) v = dE/dw with J = dPhi/dw at the given (w, lambda)."""
+class _Layout:
+    """The solvers' view of ``params``: several tensors become one flat leaf (they share a dtype and device,
+    checked), so an iteration of a solver costs O(1) tensor operations whatever the number of tensors;
+    the maps see views of it shaped like ``params``. One tensor is used as it is."""
 
-    def __init__(self, params, hparams, fp_map: FpMap, stochastic: bool, create_graph: bool,
+    def __init__(self, params: Sequence[Tensor], flat: bool):
+        self.shapes, self.flat = [p.shape for p in params], flat and len(params) > 1
+        if self.flat:
+            self.sizes = [p.numel() for p in params]
+            self.leaves = [torch.cat([p.detach().reshape(-1) for p in params]).requires_grad_(True)]
+            self.params = self.unpack(self.leaves)
+        else:
+            self.leaves = self.params = tl.detached_leaves(params)
+
+    def pack(self, xs: Sequence[Tensor]) -> List[Tensor]:
+        """Tensors shaped like ``params`` in the solvers' layout."""
+        return [torch.cat([x.reshape(-1) for x in xs])] if self.flat else list(xs)
+
+    def unpack(self, xs: Sequence[Tensor]) -> List[Tensor]:
+        """The solvers' layout back to tensors shaped like ``params`` (views)."""
+        return [v.view(s) for v, s in zip(xs[0].split(self.sizes), self.shapes)] if self.flat else list(xs)
+
+
+class _FixedPointSystem:
+    """The adjoint system (I - J^T) v = dE/dw with J = dPhi/dw at the given (w, lambda), in the solvers'
+    layout (``layout.leaves``)."""
+
+    def __init__(self, layout: _Layout, hparams, fp_map: FpMap, stochastic: bool, create_graph: bool,
                  operator: Optional[Tensor] = None):
-        self.params, self.hparams, self.fp_map = params, hparams, fp_map
-        self.stochastic, self.create_graph = stochastic, create_graph
+        self.layout, self.params, self.w, self.hparams = layout, layout.params, layout.leaves, hparams
+        self.fp_map, self.stochastic, self.create_graph = fp_map, stochastic, create_graph
         self._mapped = None if stochastic else self.map()
+        self._outs = None if stochastic else self.layout.pack(self._mapped)
         self._jvp_graph = None
         self.operator = operator
         if operator is not None:
-            n = sum(p.numel() for p in params)
+            n = sum(p.numel() for p in self.params)
             if operator.shape != (n, n):
                 raise ValueError(f"operator has shape {tuple(operator.shape)}; expected ({n}, {n}) for params with "
                                  f"{n} entries in all")
@@ -87,34 +112,35 @@ class _FixedPointSystem:
         """(||Phi(w) - w||, max_i ||Phi_i(w) - w_i|| / max(||w_i||, ||Phi_i(w)||, 1e-3 S)) over the params
         tensors i (S the largest of those scales): a tensor far from its fixed point is not hidden by a larger
         converged one."""
-        d, rel = fixed_point_residuals([p.detach() for p in self.params], [m.detach() for m in self.mapped()],
-                                       tl.dots)
+        mapped = self.map() if self.stochastic else self._mapped
+        d, rel = fixed_point_residuals([p.detach() for p in self.params], [m.detach() for m in mapped], tl.dots)
         a, r = torch.stack([d, rel]).tolist()
         return a, r
 
-    def mapped(self) -> List[Tensor]:
-        return self.map() if self.stochastic else self._mapped
+    def outs(self) -> List[Tensor]:
+        """Phi(w) in the solvers' layout."""
+        return self.layout.pack(self.map()) if self.stochastic else self._outs
 
     def vjp(self, u, wrt) -> List[Tensor]:
-        """(dPhi/d wrt)^T u (outputs without a graph, constant components of Phi, contribute zero)."""
-        pairs = [(m, c) for m, c in zip(self.mapped(), u) if m.requires_grad]
+        """(dPhi/d wrt)^T u, ``u`` in the solvers' layout (outputs without a graph contribute zero)."""
+        pairs = [(m, c) for m, c in zip(self.outs(), u) if m.requires_grad]
         return tl.grad_or_zeros([m for m, _ in pairs], wrt, grad_outputs=[c for _, c in pairs], retain_graph=True,
                                 create_graph=self.create_graph)
 
     def matvec(self, u) -> List[Tensor]:
         """(I - J^T) u."""
-        return tl.sub(u, self.vjp(u, self.params))
+        return tl.sub(u, self.vjp(u, self.w))
 
     def matmat(self) -> Optional[Tensor]:
         """The dense operator (I - J^T) as an n x n matrix, by one batched VJP; None if unsupported."""
         if self.stochastic:
             return None
-        flat = tl.flatten(self.params)
+        flat = tl.flatten(self.w)
         eye = torch.eye(flat.numel(), dtype=flat.dtype, device=flat.device)
         batch = [c.reshape(eye.shape[0], *p.shape) for c, p in
-                 zip(torch.split(eye, [p.numel() for p in self.params], dim=1), self.params)]
+                 zip(torch.split(eye, [p.numel() for p in self.w], dim=1), self.w)]
         try:
-            jt = torch.autograd.grad(self._mapped, self.params, grad_outputs=batch, retain_graph=True,
+            jt = torch.autograd.grad(self._outs, self.w, grad_outputs=batch, retain_graph=True,
                                      create_graph=self.create_graph, allow_unused=True, is_grads_batched=True)
         except RuntimeError:
             return None
@@ -125,23 +151,24 @@ class _FixedPointSystem:
     def rmatvec(self, u) -> List[Tensor]:
         """(I - J) u, by the double-VJP trick: J u = d/dd <J^T d, u>."""
         if self._jvp_graph is None or self.stochastic:
-            dummy = [torch.zeros_like(p).requires_grad_(True) for p in self.params]
-            self._jvp_graph = (dummy, tl.grad_or_zeros(self.mapped(), self.params, grad_outputs=dummy,
+            dummy = [torch.zeros_like(p).requires_grad_(True) for p in self.w]
+            self._jvp_graph = (dummy, tl.grad_or_zeros(self.outs(), self.w, grad_outputs=dummy,
                                                        retain_graph=True, create_graph=True))
         dummy, jtd = self._jvp_graph
         return tl.sub(u, tl.grad_or_zeros(jtd, dummy, grad_outputs=u, retain_graph=True,
                                           create_graph=self.create_graph))
 
 
-def _prepare(params, hparams, outer_loss: OuterLoss, create_graph: bool):
-    """Validate inputs; detached leaf copies of params; outer gradients dE/dw, dE/dlambda."""
+def _prepare(params, hparams, outer_loss: OuterLoss, create_graph: bool, flat: bool = False):
+    """Validate inputs; the :class:`_Layout` of detached leaf copies of params (``flat``: one vector for the
+    solvers); outer gradients dE/dw (in that layout), dE/dlambda."""
     params, hparams = tl.check_inputs(params, hparams)
-    params = tl.detached_leaves(params)
-    loss = tl.scalar_loss(outer_loss, params, hparams, "outer_loss(params, hparams)")
-    g = tl.grad_or_zeros(loss, params + hparams, retain_graph=create_graph, create_graph=create_graph)
-    g_w, g_h = g[:len(params)], g[len(params):]
+    layout = _Layout(params, flat)
+    loss = tl.scalar_loss(outer_loss, layout.params, hparams, "outer_loss(params, hparams)")
+    g = tl.grad_or_zeros(loss, layout.leaves + hparams, retain_graph=create_graph, create_graph=create_graph)
+    g_w, g_h = g[:len(layout.leaves)], g[len(layout.leaves):]
     tl.assert_finite(g_w + g_h, "the gradient of outer_loss")
-    return params, hparams, g_w, g_h
+    return layout, hparams, g_w, g_h
 
 
 def hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], fp_map: FpMap, outer_loss: OuterLoss,
@@ -185,10 +212,12 @@ def hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], fp_map: F
         return _differentiable(params, hparams, fp_map, outer_loss, solver, K, tol, rtol, v0, set_grad, stochastic,
                                operator, fixed_point_tol, solver_options)
     with torch.enable_grad():
-        params, hparams, g_w, g_h = _prepare(params, hparams, outer_loss, create_graph)
-        system = _FixedPointSystem(params, hparams, fp_map, stochastic, create_graph, operator)
+        layout, hparams, g_w, g_h = _prepare(params, hparams, outer_loss, create_graph, flat=True)
+        system = _FixedPointSystem(layout, hparams, fp_map, stochastic, create_graph, operator)
         fp_abs, fp_rel = system.residual()
-        check_fixed_point(fp_abs, fp_rel, fixed_point_tol, params[0].dtype)
+        check_fixed_point(fp_abs, fp_rel, fixed_point_tol, g_w[0].dtype)
+        if v0 is not None:
+            v0 = layout.pack(tl.check_like(v0, layout.params, "v0 (warm start)", "the adjoint"))
         options = dict(maxiter=K, tol=tol, rtol=rtol, **solver_options)
         if solver == "cg" and stochastic:
             options.setdefault("check_symmetry", False)  # a different operator at every product
@@ -199,6 +228,7 @@ def hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], fp_map: F
         v, info = SOLVERS[solver](system.matvec, g_w, v0, **options)
         indirect = system.vjp(v, hparams)
         grads = [a + b for a, b in zip(g_h, indirect)]
+        v = layout.unpack(v)
     if not create_graph:
         grads = [g.detach() for g in grads]
         v = [t.detach() for t in v]
@@ -265,7 +295,7 @@ def check_solver_call(solver: str, solvers: dict, K, options: dict) -> int:
         raise ValueError(f"unknown solver {solver!r}; choose one of {sorted(solvers)}")
     K = tl.check_count(K, "K")
     fn = solvers[solver]
-    valid = sorted(set(inspect.signature(fn).parameters) - _SOLVE_ARGS)
+    valid = sorted(set(inspect.signature(fn).parameters) - _SOLVE_ARGS) if options else []
     for name in options:
         if name == "maxiter":
             raise TypeError("maxiter is set by K (the maximum number of iterations): pass K=... instead")
@@ -429,7 +459,8 @@ def stoch_AID(params, hparams, outer_loss, K, J_inner=1, J_outer=1, fp_map=None,
     if J_outer != 1 and not stoch_outer:
         raise ValueError("J_outer > 1 only makes sense with stoch_outer=True")
     with torch.enable_grad():
-        params, hparams, g_w, g_h = _prepare(params, hparams, outer_loss, False)
+        layout, hparams, g_w, g_h = _prepare(params, hparams, outer_loss, False)
+        params = layout.params
         for _ in range(J_outer - 1):
             _, _, gw1, gh1 = _prepare(params, hparams, outer_loss, False)
             g_w, g_h = tl.axpy(1.0, gw1, g_w), tl.axpy(1.0, gh1, g_h)
@@ -437,7 +468,7 @@ def stoch_AID(params, hparams, outer_loss, K, J_inner=1, J_outer=1, fp_map=None,
         if fp_map is None:  # Phi = -grad inner_loss: the system becomes H v = g (sign handled below)
             def fp_map(p, h):
                 return [-g for g in torch.autograd.grad(inner_loss(p, h), p, create_graph=True)]
-        system = _FixedPointSystem(params, hparams, fp_map, stoch_inner, False)
+        system = _FixedPointSystem(layout, hparams, fp_map, stoch_inner, False)
         v = [t.detach().clone() for t in (linsys_start if linsys_start is not None else g_w)]
         if optim_build is None:
             optim, scheduler = torch.optim.SGD(v, lr=1.0), None

@@ -95,6 +95,24 @@ def _systems(mask: Tensor, show: int = 8) -> str:
     return ", ".join(map(str, idx[:show])) + (f", ... ({len(idx)} in all)" if len(idx) > show else "")
 
 
+def _gram(R, vecs: Sequence[Sequence[Tensor]], n_rows: int):
+    """G[i][j] = <vecs[i], vecs[j]> for i < ``n_rows`` and every j, per system: one stack and one matrix
+    product per tensor of the lists (one host read on the host path, where the entries are floats; [B]
+    tensors otherwise, differentiable)."""
+    G = None
+    for k in range(len(vecs[0])):
+        if R.host:
+            W = torch.stack([v[k] if v[k].dim() == 1 else v[k].reshape(-1) for v in vecs])
+            part = W @ W.T  # the extra rows cost nothing next to the call
+        else:
+            W = torch.stack([v[k].reshape(v[k].shape[0], -1) for v in vecs], 1)
+            part = W[:, :n_rows] @ W.transpose(1, 2)
+        G = part if G is None else G + part
+    if R.host:
+        return G.tolist()
+    return [[G[:, i, j] for j in range(len(vecs))] for i in range(n_rows)]
+
+
 class _TensorRows:
     """Per-system arithmetic on a batch: scalars are [B] tensors, masks [B] bool tensors (no host read)."""
     host = False
@@ -107,6 +125,9 @@ class _TensorRows:
 
     def detach(self, a):
         return a.detach()
+
+    def detach_all(self, xs):
+        return [t.detach() for t in xs]
 
     def axpy(self, a, xs, ys):
         return baxpy(a, xs, ys)
@@ -173,6 +194,9 @@ class _HostRows:
 
     def detach(self, a):
         return a
+
+    def detach_all(self, xs):
+        return xs
 
     def axpy(self, a, xs, ys):
         return tl.axpy(a, xs, ys)
@@ -298,6 +322,8 @@ class _Monitor:
         """NaN/Inf or a residual ``divergence_factor`` times its start raise (one host read)."""
         R = self.R
         res = R.detach(res)
+        if it > 0 and R.all((res <= self.limit) & R.isfinite(res)):  # the common case
+            return
         bad = R.not_(R.isfinite(res))
         if R.any(bad):
             raise NonFiniteError(f"{self.name}: NaN or Inf in {what}{self._of(bad)} after {it} iterations{self.hint}")
@@ -505,14 +531,16 @@ def solve_cg(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: Optional[fl
     while not done and k < maxiter:
         Ap = matvec(p)
         k += 1
-        pAp, pp = R.dot(p, Ap), R.detach(R.dot(p, p))
-        pAp_d, ApAp = R.detach(pAp), R.detach(R.dot(Ap, Ap))
-        if check_symmetry and prev is not None:
-            p0, Ap0, pp0, ApAp0 = prev
+        sym = check_symmetry and prev is not None
+        G = _gram(R, [p, Ap] + (list(prev[:2]) if sym else []), 2)  # every inner product of the step at once
+        pAp, pp, ApAp = G[0][1], R.detach(G[0][0]), R.detach(G[1][1])
+        pAp_d = R.detach(pAp)
+        if sym:
+            pp0, ApAp0 = prev[2], prev[3]
             scale = R.sqrt(pp0) * (R.sqrt(pp) + R.sqrt(ApAp)) + R.sqrt(pp) * (R.sqrt(pp0) + R.sqrt(ApAp0))
-            gap = abs(R.detach(R.dot(p0, Ap) - R.dot(Ap0, p))) / R.safe(scale)
+            gap = abs(R.detach(G[1][2] - G[0][3])) / R.safe(scale)  # <p0, A p> - <A p0, p>
             asym = R.maximum(asym, R.where(active, gap, zero))
-        prev = ([t.detach() for t in p], [t.detach() for t in Ap], pp, ApAp) if check_symmetry else None
+        prev = (R.detach_all(p), R.detach_all(Ap), pp, ApAp) if check_symmetry else None
         a_scale = R.maximum(a_scale, R.where(active, abs(pAp_d) / R.safe(R.detach(rr)), zero))
         gain = R.sqrt(ApAp / R.safe(pp))  # ||A p|| / ||p||; its running maximum estimates ||A||
         a_norm = R.maximum(a_norm, R.where(active, gain, zero))
@@ -523,16 +551,21 @@ def solve_cg(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: Optional[fl
         alpha = R.where(active & (pAp != 0), rr / R.safe(pAp), R.zeros(pAp))
         x, r = R.axpy(alpha, p, x), R.axpy(-alpha, Ap, r)
         task_its += active
-        rr_new = R.dot(r, r)
+        check = mon.check_now(k, k == maxiter)
+        if check:
+            H = _gram(R, [r, x], 2)
+            rr_new, xx = H[0][0], R.detach(H[1][1])
+        else:
+            rr_new = R.dot(r, r)
         res = R.where(active, R.sqrt(rr_new), res)
         met = active & (res <= thr)
         pending, active = pending | met, active & R.not_(met)
-        if mon.check_now(k, k == maxiter):
+        if check:
             if _cg_raise(R, k, asym, sym_tol, singular, broke, lambda: _probe_symmetric(R, matvec, b, sym_tol)):
                 check_symmetry, asym, prev = False, zero, None  # symmetric after all: the gap was rounding
             mon.raise_if_bad(k, R.where(confirmed, zero, res), "the iterates")
             res_d = R.detach(res)
-            floor = _rounding_floor(R, task_its, a_scale, x, b, eps)
+            floor = _rounding_floor(task_its, a_scale, R.sqrt(xx), mon.bnorm, eps)
             stalled = active & (res_d > 0.5 * last_checked) & (res_d < 1e-3 * mon.r0) & (res_d <= floor / 100)
             active = active & R.not_(stalled)  # at the rounding level: more steps only amplify rounding noise
             last_checked = R.where(active, res_d, last_checked)
@@ -601,10 +634,10 @@ def _cg_raise(R, k: int, asym, sym_tol: float, singular, broke, probe=None) -> b
     return False
 
 
-def _rounding_floor(R, its, a_scale, x, b, eps: float):
+def _rounding_floor(its, a_scale, x_norm, b_norm, eps: float):
     """Greenbaum's bound on the gap between CG's recurrence and true residuals, 10 k eps (||A|| ||x|| +
     ||b||), with ||A|| estimated by 10 max_k 1/|alpha_k| (a Rayleigh-quotient scale: safety factor)."""
-    return 10 * its * eps * (10 * a_scale * R.detach(R.sqrt(R.dot(x, x))) + R.detach(R.sqrt(R.dot(b, b))))
+    return 10 * its * eps * (10 * a_scale * x_norm + b_norm)
 
 
 def solve_minres(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: Optional[float] = None,

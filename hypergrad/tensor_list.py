@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import math
 import operator
 from typing import Callable, List, Optional, Sequence
 
@@ -113,11 +114,20 @@ def accumulate_grads(hparams: Sequence[Tensor], grads: Sequence[Tensor]) -> None
         h.grad = g.clone() if h.grad is None else h.grad + g
 
 
+def finite_each(xs: Sequence[Tensor]) -> Tensor:
+    """One bool per tensor, True where it holds no NaN or Inf: the max-abs of every tensor by one multi-tensor
+    reduction (``_foreach_norm``, inf-norm: NaN propagates, no overflow) where it applies, else per tensor."""
+    xs = [x.detach() for x in xs]
+    if all(x.is_floating_point() and x.numel() > 0 for x in xs) and len({x.device for x in xs}) == 1:
+        return torch.isfinite(torch.stack(torch._foreach_norm(xs, ord=float("inf"))))
+    return torch.stack([torch.isfinite(x).all() for x in xs])
+
+
 def assert_finite(xs: Sequence[Tensor], what: str) -> None:
     """Raise :class:`NonFiniteError` naming ``what`` if any entry is NaN or Inf (one host sync)."""
     if not xs:
         return
-    if not bool(torch.stack([torch.isfinite(x).all() for x in xs]).all()):
+    if not bool(finite_each(xs).all()):
         raise NonFiniteError(f"{what} contains NaN or Inf")
 
 
@@ -160,7 +170,7 @@ def check_inputs(params, hparams, name: str = "params"):
 
 def check_finite(xs: Sequence[Tensor], names: Sequence[str]) -> None:
     """Raise :class:`NonFiniteError` naming the first tensor with NaN or Inf (one host read)."""
-    ok = torch.stack([torch.isfinite(x.detach()).all() for x in xs]).tolist()
+    ok = finite_each(xs).tolist()
     for good, n in zip(ok, names):
         if not good:
             raise NonFiniteError(f"{n} contains NaN or Inf (before any solve): check the values passed as {n}")
@@ -229,7 +239,7 @@ def scalar_loss(fn: Callable, params, hparams, name: str) -> Tensor:
         raise TypeError(f"{name} must return a scalar tensor, got {type(loss).__name__}")
     if loss.numel() != 1:
         raise ValueError(f"{name} must return a scalar, got a tensor of shape {tuple(loss.shape)}")
-    if not bool(torch.isfinite(loss).all()):
+    if not math.isfinite(loss.item()):
         raise NonFiniteError(f"{name} returned {loss.item()}")
     return loss.reshape(())
 
