@@ -34,6 +34,13 @@ def norm(xs: Sequence[Tensor]) -> Tensor:
     return torch.sqrt(dot(xs, xs))
 
 
+def global_norm(xs: Sequence[Tensor]) -> Tensor:
+    """||concat(xs)|| of detached tensors, the per-tensor norms by one multi-tensor kernel (no graph)."""
+    if len(xs) == 1:
+        return torch.linalg.vector_norm(xs[0].detach())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([x.detach() for x in xs])))
+
+
 def axpy(a, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> TensorList:
     """a * xs + ys (``a`` a float or a 0-d tensor); returns new tensors."""
     if isinstance(a, (int, float)):

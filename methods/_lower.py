@@ -82,6 +82,8 @@ class SGDRule:
 
     def step(self, params: Sequence[Tensor], grads: Sequence[Tensor],
              state: List[Optional[Tensor]]) -> Tuple[TensorList, List[Optional[Tensor]]]:
+        if self.is_plain():  # p - lr g on every tensor by one multi-tensor kernel (differentiable)
+            return list(torch._foreach_add(list(params), list(grads), alpha=-self.lr[0])), state
         new, new_state = [], []
         for i, (p, g, buf) in enumerate(zip(params, grads, state)):
             d = -g if self.maximize[i] else g
@@ -91,9 +93,16 @@ class SGDRule:
             if m != 0:
                 buf = d if buf is None else m * buf + (1 - self.dampening[i]) * d
                 d = d + m * buf if self.nesterov[i] else buf
-            new.append(p - self.lr[i] * d)
+            new.append(torch.add(p, d, alpha=-self.lr[i]))
             new_state.append(buf)
         return new, new_state
+
+    def is_plain(self) -> bool:
+        """Plain gradient descent with one step size on every tensor."""
+        if getattr(self, "_plain", None) is None:
+            self._plain = (len(set(self.lr)) == 1 and not any(self.momentum) and not any(self.weight_decay)
+                           and not any(self.maximize))
+        return self._plain
 
 
 def _check_lr(lr, name: str) -> None:
@@ -164,7 +173,7 @@ def descend(params: Sequence[Tensor], grad_fn: Callable[[TensorList, int, bool],
                 g = [gi.detach() for gi in grad_fn(leaves, t, False)]
             with torch.no_grad():
                 y, state = rule.step([w.detach() for w in y], g, state)
-        norms.append(torch.sqrt(sq_norm([gi.detach() for gi in g])))
+        norms.append(tl.global_norm(g))
         if on_iterate is not None:
             on_iterate(y, t)
     return y, state, norms, prev
