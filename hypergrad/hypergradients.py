@@ -275,8 +275,13 @@ def fixed_point_residuals(params, mapped, dots, scale_floor: float = 0.0, floor_
     stacks the inner products per tensor along dim 0 (per task as a last dimension in the batched case).
     Every tensor counts at a scale of at least ``floor_ratio`` (1e-3) times the largest, and at least
     ``scale_floor`` (a forward solve passes eps times its starting scale, so a fixed point at 0 is reached)."""
-    diff = [m - p for m, p in zip(mapped, params)]
-    d2, w2, m2 = dots(diff, diff), dots(params, params), dots(mapped, mapped)
+    if dots is tl.dots and len({(t.dtype, t.device) for t in list(params) + list(mapped)}) == 1:
+        n = len(params)  # one multi-tensor kernel for the 3 n squared norms
+        d2, w2, m2 = torch.stack(torch._foreach_norm(list(torch._foreach_sub(list(mapped), list(params))) + list(params)
+                                                     + list(mapped))).square().reshape(3, n)
+    else:
+        diff = [m - p for m, p in zip(mapped, params)]
+        d2, w2, m2 = dots(diff, diff), dots(params, params), dots(mapped, mapped)
     scale = torch.maximum(w2, m2).sqrt()
     floor = (floor_ratio * scale.max(0).values).clamp_min(scale_floor)  # tensors 1000x smaller than the largest
     # (multipliers, momentum buffers at zero) count at that scale: their rounding-level residuals are no alarm

@@ -95,15 +95,15 @@ def _systems(mask: Tensor, show: int = 8) -> str:
     return ", ".join(map(str, idx[:show])) + (f", ... ({len(idx)} in all)" if len(idx) > show else "")
 
 
-def _gram(R, vecs: Sequence[Sequence[Tensor]], n_rows: int):
+def _gram(R, vecs: Sequence[Sequence[Tensor]], n_rows: int, vectors: bool = False):
     """G[i][j] = <vecs[i], vecs[j]> for i < ``n_rows`` and every j, per system: one stack and one matrix
     product per tensor of the lists (one host read on the host path, where the entries are floats; [B]
-    tensors otherwise, differentiable)."""
+    tensors otherwise, differentiable). ``vectors``: every tensor is 1-D already (host path)."""
     G = None
     for k in range(len(vecs[0])):
         if R.host:
-            W = torch.stack([v[k] if v[k].dim() == 1 else v[k].reshape(-1) for v in vecs])
-            part = W @ W.T  # the extra rows cost nothing next to the call
+            W = torch.stack([v[k] for v in vecs] if vectors else [v[k].reshape(-1) for v in vecs])
+            part = W @ W.t()  # the extra rows cost nothing next to the call
         else:
             W = torch.stack([v[k].reshape(v[k].shape[0], -1) for v in vecs], 1)
             part = W[:, :n_rows] @ W.transpose(1, 2)
@@ -528,11 +528,12 @@ def solve_cg(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: Optional[fl
     sym_tol, sing_res = _sym_tol(b, R), math.sqrt(eps) * mon.r0
     res, p, prev, k = R.sqrt(rr), r, None, 0
     done = not R.any(active)
+    vectors = all(t.dim() == 1 for t in b)
     while not done and k < maxiter:
         Ap = matvec(p)
         k += 1
         sym = check_symmetry and prev is not None
-        G = _gram(R, [p, Ap] + (list(prev[:2]) if sym else []), 2)  # every inner product of the step at once
+        G = _gram(R, [p, Ap] + (list(prev[:2]) if sym else []), 2, vectors)  # every product of the step at once
         pAp, pp, ApAp = G[0][1], R.detach(G[0][0]), R.detach(G[1][1])
         pAp_d = R.detach(pAp)
         if sym:
@@ -551,23 +552,20 @@ def solve_cg(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: Optional[fl
         alpha = R.where(active & (pAp != 0), rr / R.safe(pAp), R.zeros(pAp))
         x, r = R.axpy(alpha, p, x), R.axpy(-alpha, Ap, r)
         task_its += active
-        check = mon.check_now(k, k == maxiter)
-        if check:
-            H = _gram(R, [r, x], 2)
-            rr_new, xx = H[0][0], R.detach(H[1][1])
-        else:
-            rr_new = R.dot(r, r)
+        rr_new = R.dot(r, r)
         res = R.where(active, R.sqrt(rr_new), res)
         met = active & (res <= thr)
         pending, active = pending | met, active & R.not_(met)
-        if check:
+        if mon.check_now(k, k == maxiter):
             if _cg_raise(R, k, asym, sym_tol, singular, broke, lambda: _probe_symmetric(R, matvec, b, sym_tol)):
                 check_symmetry, asym, prev = False, zero, None  # symmetric after all: the gap was rounding
             mon.raise_if_bad(k, R.where(confirmed, zero, res), "the iterates")
             res_d = R.detach(res)
-            floor = _rounding_floor(task_its, a_scale, R.sqrt(xx), mon.bnorm, eps)
-            stalled = active & (res_d > 0.5 * last_checked) & (res_d < 1e-3 * mon.r0) & (res_d <= floor / 100)
-            active = active & R.not_(stalled)  # at the rounding level: more steps only amplify rounding noise
+            low = active & (res_d < 1e-3 * mon.r0)  # only there can a recurrence be at its rounding level
+            if not R.host or R.any(low) or not R.any(active):  # (batches: no extra host read)
+                floor = _rounding_floor(task_its, a_scale, R.sqrt(R.detach(R.dot(x, x))), mon.bnorm, eps)
+                stalled = low & (res_d > 0.5 * last_checked) & (res_d <= floor / 100)
+                active = active & R.not_(stalled)  # at the rounding level: more steps only amplify rounding noise
             last_checked = R.where(active, res_d, last_checked)
             if not R.any(active):  # every recurrence converged or stalled: confirm with true residuals
                 need = pending & (floor > 0.1 * thr)  # the others' recurrence cannot have drifted

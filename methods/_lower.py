@@ -159,32 +159,30 @@ def descend(params: Sequence[Tensor], grad_fn: Callable[[TensorList, int, bool],
     y = list(params)
     state = rule.init(y) if state is None else state
     norms: List[Tensor] = []
-    prev = [w.detach() for w in y]
-    for t in steps:
-        prev = [w.detach() for w in y]
-        if track:
-            y = [w if w.requires_grad else w.detach().requires_grad_(True) for w in y]
-            with torch.enable_grad():
+    last = y
+    with torch.enable_grad():
+        for t in steps:
+            last = y
+            if track:
+                y = [w if w.requires_grad else w.detach().requires_grad_(True) for w in y]
                 g = grad_fn(y, t, True)
-            y, state = rule.step(y, g, state)
-        else:
-            leaves = [w.detach().requires_grad_(True) for w in y]
-            with torch.enable_grad():
+                y, state = rule.step(y, g, state)
+            else:
+                leaves = [w.detach().requires_grad_(True) for w in y]
                 g = [gi.detach() for gi in grad_fn(leaves, t, False)]
-            with torch.no_grad():
-                y, state = rule.step([w.detach() for w in y], g, state)
-        norms.append(tl.global_norm(g))
-        if on_iterate is not None:
-            on_iterate(y, t)
-    return y, state, norms, prev
+                with torch.no_grad():
+                    y, state = rule.step([w.detach() for w in y], g, state)
+            norms.append(tl.global_norm(g))
+            if on_iterate is not None:
+                on_iterate(y, t)
+    return y, state, norms, [w.detach() for w in last]
 
 
 def fp_residual(prev: Sequence[Tensor], y: Sequence[Tensor]) -> Tuple[float, float]:
     """(||Phi(w) - w||, the core's relative residual: the largest per tensor, see
     :class:`hypergrad.HypergradResult`) for one step w = ``prev`` -> Phi(w) = ``y``. One host read, after the loop."""
-    dots = lambda xs, ys: torch.stack([(a * b).sum() for a, b in zip(xs, ys)])
     with torch.no_grad():
-        d, rel = fixed_point_residuals([w.detach() for w in prev], [w.detach() for w in y], dots)
+        d, rel = fixed_point_residuals([w.detach() for w in prev], [w.detach() for w in y], tl.dots)
         both = torch.stack([d, rel]).tolist()
     return float(both[0]), float(both[1])
 
@@ -204,8 +202,8 @@ def check_lower(losses: Sequence[Tensor], norms: Sequence[Tensor], step_option: 
     if not norms:
         return
     n = min(len(losses), len(norms))
-    rows = torch.stack([torch.stack([v.detach().reshape(()) for v in losses[:n]]),
-                        torch.stack([v.detach().reshape(()) for v in norms[:n]])]).double().cpu().tolist()
+    rows = torch.stack([torch.stack(list(losses[:n])).detach().reshape(n),
+                        torch.stack(list(norms[:n])).detach().reshape(n)]).double().cpu().tolist()
     f, g = rows
     finite = [a == a and b == b and abs(a) != float("inf") and abs(b) != float("inf") for a, b in zip(f, g)]
     end = finite.index(False) if False in finite else n
