@@ -370,6 +370,20 @@ class HyperCleaning(Workload):
         with torch.no_grad():
             return float((ll(self.Xte).argmax(1) == self.yte).double().mean())
 
+    def plain_losses(self):
+        """f(y, x), F(y, x) on plain tensor lists y = [W, b], x = [x] (no module adapter)."""
+        import torch
+        import torch.nn.functional as Fn
+
+        def f(y, x):
+            return (torch.sigmoid(x[0]) * Fn.cross_entropy(Fn.linear(self.Xtr, y[0], y[1]), self.ytr,
+                                                          reduction="none")).mean()
+
+        def F(y, x):
+            return Fn.cross_entropy(Fn.linear(self.Xva, y[0], y[1]), self.yva)
+
+        return f, F
+
     def floor(self, ul, ll, T: int) -> float:
         """Seconds of T raw lower gradients at fixed x, no graph."""
         import torch
@@ -441,6 +455,9 @@ class Quadratic(Workload):
         import torch
         with torch.no_grad():
             return float(qp_F(self.data, ul.x, ll()))
+
+    def plain_losses(self):
+        return (lambda y, x: qp_f(self.data, x[0], y[0])), (lambda y, x: qp_F(self.data, x[0], y[0]))
 
     def floor(self, ul, ll, T: int) -> float:
         import torch
@@ -567,6 +584,71 @@ class Boat:
             self.ul_opt.zero_grad()
             return grads if capture else None
         return None
+
+
+PLAIN = ("RAD", "CG", "Neumann")
+
+
+class Plain:
+    """The same mathematics as our RAD / CG / Neumann written plainly with torch.autograd on tensor lists: no
+    checks, no diagnostics, no module adapter, hypertorch-style fixed-k CG -- the cost of the method's own raw
+    derivatives, the floor a library can approach. ``step()`` is one whole upper iteration, like the others."""
+
+    def __init__(self, method: str, wl: Workload, ul, ll):
+        import torch
+        self.method, self.wl, self.ul, self.ll = method, wl, ul, ll
+        self.f, self.F = wl.plain_losses()
+        self.opt = torch.optim.Adam(ul.parameters(), lr=wl.ul_lr)
+
+    def _implicit(self, x, y, lr, k):
+        import torch
+        grad = torch.autograd.grad
+        y = [t.detach().requires_grad_(True) for t in y]
+        phi = [a - lr * g for a, g in zip(y, grad(self.f(y, x), y, create_graph=True))]
+        gF = grad(self.F(y, x), y + x, allow_unused=True)
+        b, gx = list(gF[:len(y)]), [torch.zeros_like(t) if g is None else g for t, g in zip(x, gF[len(y):])]
+        jt = lambda u: grad(phi, y, grad_outputs=u, retain_graph=True)
+        dot = lambda u, w: sum((a * c).sum() for a, c in zip(u, w))
+        if self.method == "Neumann":
+            v, term = list(b), list(b)
+            for _ in range(k):
+                term = list(jt(term))
+                v = [a + c for a, c in zip(v, term)]
+        else:  # CG on (I - J^T) v = b from v = 0, k iterations
+            v, r = [torch.zeros_like(t) for t in b], list(b)
+            p, rr = list(r), dot(r, r)
+            for _ in range(k):
+                Ap = [a - c for a, c in zip(p, jt(p))]
+                alpha = rr / dot(p, Ap)
+                v = [a + alpha * c for a, c in zip(v, p)]
+                r = [a - alpha * c for a, c in zip(r, Ap)]
+                rr_new = dot(r, r)
+                p, rr = [a + (rr_new / rr) * c for a, c in zip(r, p)], rr_new
+        return [a + c for a, c in zip(gx, grad(phi, x, grad_outputs=v))], y
+
+    def step(self, capture: bool = False):
+        import torch
+        wl, lr = self.wl, self.wl.ll_lr
+        x = list(self.ul.parameters())
+        y = [p.detach() for p in self.ll.parameters()]
+        self.opt.zero_grad()
+        if self.method == "RAD":
+            y = [t.requires_grad_(True) for t in (t.clone() for t in y)]
+            for _ in range(wl.T):
+                y = [a - lr * g for a, g in zip(y, torch.autograd.grad(self.f(y, x), y, create_graph=True))]
+            gx = torch.autograd.grad(self.F(y, x), x)
+        else:
+            for _ in range(wl.T):
+                leaves = [t.detach().requires_grad_(True) for t in y]
+                y = [a.detach() - lr * g for a, g in zip(leaves, torch.autograd.grad(self.f(leaves, x), leaves))]
+            gx, y = self._implicit(x, y, lr, wl.k)
+        for p, g in zip(x, gx):
+            p.grad = g.detach()
+        with torch.no_grad():
+            for p, t in zip(self.ll.parameters(), y):
+                p.copy_(t)
+        self.opt.step()
+        return [g.detach().clone() for g in gx] if capture else None
 
 
 def _rel(a, b) -> float:
@@ -700,45 +782,55 @@ def correctness(wl_factory, methods_, iters: int):
 
 
 # -------------------------------------------------------------------- timing (float32)
-def _rounds(rounds, wl, method, ours, boat, ou, ol):
-    """The paired rounds: (per-round seconds of ours, of BOAT, of the floor), warm-up round dropped."""
-    t_ours, t_boat, t_floor = [], [], []
+def _rounds(rounds, wl, method, runners, ou, ol):
+    """The paired rounds: per-round seconds of each runner and of the floor, the warm-up round dropped; the
+    runners' order is reversed every other round."""
+    names = list(runners)
+    times = {n: [] for n in names + ["floor"]}
     for r in _progress(range(rounds + 1), desc=f"{wl.key} {method}", unit="round"):
-        order = (("ours", ours), ("boat", boat)) if r % 2 == 0 else (("boat", boat), ("ours", ours))
         took = {}
-        for name, runner in order:
+        for name in (names if r % 2 == 0 else names[::-1]):
             t0 = time.perf_counter()
-            runner.step()
+            runners[name].step()
             took[name] = time.perf_counter() - t0
-        fl = wl.floor(ou, ol, wl.T)
+        took["floor"] = wl.floor(ou, ol, wl.T)
         if r > 0:   # round 0 is the warm-up
-            t_ours.append(took["ours"])
-            t_boat.append(took["boat"])
-            t_floor.append(fl)
-    return t_ours, t_boat, t_floor
+            for n in times:
+                times[n].append(took[n])
+    return times
 
 
 def time_method(method: str, wl: Workload, rounds: int):
-    """Paired rounds: one upper iteration of each library per round (alternating order), then the floor."""
+    """Paired rounds: one upper iteration of each library per round (alternating order), then the floor; for
+    RAD, CG and Neumann also the same mathematics in plain autograd (:class:`Plain`)."""
     (ou, ol), (bu, bl) = _pair(method, wl)
-    ours, boat = Ours(method, wl, ou, ol), Boat(method, wl, bu, bl)
+    runners = {"ours": Ours(method, wl, ou, ol), "boat": Boat(method, wl, bu, bl)}
+    if method in PLAIN:
+        pu, pl = _pair(method, wl)[0]
+        runners["plain"] = Plain(method, wl, pu, pl)
     gc.collect()
     gc.freeze()  # what exists now is never scanned again: the collector's passes stay short and alike for both
     try:
-        t_ours, t_boat, t_floor = _rounds(rounds, wl, method, ours, boat, ou, ol)
+        t = _rounds(rounds, wl, method, runners, ou, ol)
     finally:
         gc.unfreeze()
+    t_ours, t_boat, t_floor = t["ours"], t["boat"], t["floor"]
     ratios = [a / b for a, b in zip(t_ours, t_boat)]
     med = statistics.median
     q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else [ratios[0]]
-    book = boat.bookkeeping[1:] or [0.0]
-    return {"ours_ms": 1e3 * med(t_ours), "boat_ms": 1e3 * med(t_boat), "floor_ms": 1e3 * med(t_floor),
-            "ratio_median": med(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
-            "ratio_q1": q[0], "ratio_q3": q[-1],
-            "ours_over_floor": med(t_ours) / med(t_floor), "boat_over_floor": med(t_boat) / med(t_floor),
-            "boat_bookkeeping_ms": 1e3 * statistics.mean(book), "rounds": rounds,
-            "ours_upper_loss_end": wl.upper_loss(ou, ol), "boat_upper_loss_end": wl.upper_loss(bu, bl),
-            "raw_s": {"ours": t_ours, "boat": t_boat, "floor": t_floor}}
+    book = runners["boat"].bookkeeping[1:] or [0.0]
+    out = {"ours_ms": 1e3 * med(t_ours), "boat_ms": 1e3 * med(t_boat), "floor_ms": 1e3 * med(t_floor),
+           "ratio_median": med(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+           "ratio_q1": q[0], "ratio_q3": q[-1],
+           "ours_over_floor": med(t_ours) / med(t_floor), "boat_over_floor": med(t_boat) / med(t_floor),
+           "boat_bookkeeping_ms": 1e3 * statistics.mean(book), "rounds": rounds,
+           "ours_upper_loss_end": wl.upper_loss(ou, ol), "boat_upper_loss_end": wl.upper_loss(bu, bl),
+           "raw_s": t}
+    if "plain" in t:
+        out.update(plain_ms=1e3 * med(t["plain"]),
+                   ours_over_plain=med([a / b for a, b in zip(t_ours, t["plain"])]),
+                   boat_over_plain=med([a / b for a, b in zip(t_boat, t["plain"])]))
+    return out
 
 
 def check_label(rec) -> str:
@@ -756,20 +848,22 @@ def check_label(rec) -> str:
 
 def table(wl_title, rows, checks, T):
     head = ["method", "ours ms/iter", "BOAT ms/iter", "ratio ours/BOAT median [min-max]", "ours/floor",
-            "BOAT/floor", "result check (float64)"]
+            "BOAT/floor", "ours/plain", "BOAT/plain", "result check (float64)"]
     lines = [f"### {wl_title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, r in rows.items():
         if "error" in r:
-            lines.append(f"| {method} | error: {r['error']} | | | | | {check_label(checks.get(method))} |")
+            lines.append(f"| {method} | error: {r['error']} | | | | | | | {check_label(checks.get(method))} |")
             continue
+        plain = (f"{r['ours_over_plain']:.2f} | {r['boat_over_plain']:.2f}" if "ours_over_plain" in r else "- | -")
         lines.append(f"| {method} | {r['ours_ms']:.2f} | {r['boat_ms']:.2f} | **{r['ratio_median']:.2f}** "
                      f"[{r['ratio_min']:.2f}-{r['ratio_max']:.2f}] | {r['ours_over_floor']:.2f} | "
-                     f"{r['boat_over_floor']:.2f} | {check_label(checks.get(method))} |")
+                     f"{r['boat_over_floor']:.2f} | {plain} | {check_label(checks.get(method))} |")
     fl = [r["floor_ms"] for r in rows.values() if "floor_ms" in r]
     bk = [r["boat_bookkeeping_ms"] for r in rows.values() if "boat_bookkeeping_ms" in r]
     if fl:
-        lines += ["", f"Floor: {T} raw lower gradients at fixed x, median {statistics.median(fl):.2f} ms. BOAT's "
-                  f"per-iteration loss log (included in its time): {statistics.mean(bk):.2f} ms."]
+        lines += ["", f"Floor: {T} raw lower gradients at fixed x, median {statistics.median(fl):.2f} ms. Plain: the "
+                  "same mathematics in plain autograd, no checks (RAD, CG, Neumann; ratios are medians of per-round "
+                  f"ratios). BOAT's per-iteration loss log (included in its time): {statistics.mean(bk):.2f} ms."]
     return lines
 
 
@@ -927,8 +1021,8 @@ def child(argv) -> int:
                    "results": results}, fh, indent=1)
     with open(base + ".md", "w") as fh:
         fh.write("\n".join(md) + "\n")
-    cols = ["workload", "method", "ours_ms", "boat_ms", "floor_ms", "ratio_median", "ratio_min", "ratio_max",
-            "ours_over_floor", "boat_over_floor", "boat_bookkeeping_ms", "rounds", "check", "check_worst_rel",
+    cols = ["workload", "method", "ours_ms", "boat_ms", "floor_ms", "plain_ms", "ratio_median", "ratio_min",
+            "ratio_max", "ours_over_floor", "boat_over_floor", "ours_over_plain", "boat_over_plain", "boat_bookkeeping_ms", "rounds", "check", "check_worst_rel",
             "check_ours_upper_loss", "check_boat_upper_loss", "error"]
     with open(base + ".csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
