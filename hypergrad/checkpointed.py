@@ -202,7 +202,7 @@ def checkpointed_hypergradient(params0: Sequence[Tensor], hparams: Sequence[Tens
     with torch.enable_grad():
         traj = _Trajectory(step_map, hparams, T)
         w_T, kept = _forward(traj, [p.detach() for p in params0], T, keep_at)
-        _, _, a, g = _prepare(w_T, hparams, outer_loss, False)
+        _, _, a, g, _ = _prepare(w_T, hparams, outer_loss, False)
         a, grads = _backward(traj, kept, w_T, T, a, g, store_segments)
     tl.assert_finite(grads, "the hypergradient")
     if set_grad:

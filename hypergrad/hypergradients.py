@@ -54,6 +54,7 @@ class HypergradResult:
     solver: str
     fp_residual: float = float("nan")
     fp_residual_rel: float = float("nan")
+    outer_loss: Optional[Tensor] = None  #: E(w, lambda) at the given params (detached; None when not evaluated)
 
 
 class _Layout:
@@ -161,14 +162,14 @@ class _FixedPointSystem:
 
 def _prepare(params, hparams, outer_loss: OuterLoss, create_graph: bool, flat: bool = False):
     """Validate inputs; the :class:`_Layout` of detached leaf copies of params (``flat``: one vector for the
-    solvers); outer gradients dE/dw (in that layout), dE/dlambda."""
+    solvers); outer gradients dE/dw (in that layout), dE/dlambda; the outer loss."""
     params, hparams = tl.check_inputs(params, hparams)
     layout = _Layout(params, flat)
     loss = tl.scalar_loss(outer_loss, layout.params, hparams, "outer_loss(params, hparams)")
     g = tl.grad_or_zeros(loss, layout.leaves + hparams, retain_graph=create_graph, create_graph=create_graph)
     g_w, g_h = g[:len(layout.leaves)], g[len(layout.leaves):]
     tl.assert_finite(g_w + g_h, "the gradient of outer_loss")
-    return layout, hparams, g_w, g_h
+    return layout, hparams, g_w, g_h, loss
 
 
 def hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], fp_map: FpMap, outer_loss: OuterLoss,
@@ -212,7 +213,7 @@ def hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], fp_map: F
         return _differentiable(params, hparams, fp_map, outer_loss, solver, K, tol, rtol, v0, set_grad, stochastic,
                                operator, fixed_point_tol, solver_options)
     with torch.enable_grad():
-        layout, hparams, g_w, g_h = _prepare(params, hparams, outer_loss, create_graph, flat=True)
+        layout, hparams, g_w, g_h, loss = _prepare(params, hparams, outer_loss, create_graph, flat=True)
         system = _FixedPointSystem(layout, hparams, fp_map, stochastic, create_graph, operator)
         fp_abs, fp_rel = system.residual()
         check_fixed_point(fp_abs, fp_rel, fixed_point_tol, g_w[0].dtype)
@@ -235,7 +236,8 @@ def hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], fp_map: F
     tl.assert_finite(grads, "the hypergradient")
     if set_grad:
         tl.accumulate_grads(hparams, grads)
-    return HypergradResult(grads, v, info.iterations, info.residual, info.converged, info.solver, fp_abs, fp_rel)
+    return HypergradResult(grads, v, info.iterations, info.residual, info.converged, info.solver, fp_abs, fp_rel,
+                           loss.detach())
 
 
 def _differentiable(params, hparams, fp_map, outer_loss, solver, K, tol, rtol, v0, set_grad, stochastic, operator,
@@ -267,7 +269,8 @@ def _differentiable(params, hparams, fp_map, outer_loss, solver, K, tol, rtol, v
     if info is None:  # the outer loss does not depend on w: no adjoint solve ran
         info = SolveInfo(solver, 0, 0.0, True)
     v = solve.layer.adjoint if solve.layer.adjoint is not None else tl.zeros_like(params)
-    return HypergradResult(grads, v, info.iterations, info.residual, info.converged, info.solver, fp_abs, fp_rel)
+    return HypergradResult(grads, v, info.iterations, info.residual, info.converged, info.solver, fp_abs, fp_rel,
+                           loss.detach())
 
 
 def fixed_point_residuals(params, mapped, dots, scale_floor: float = 0.0, floor_ratio: float = 1e-3):
@@ -464,10 +467,10 @@ def stoch_AID(params, hparams, outer_loss, K, J_inner=1, J_outer=1, fp_map=None,
     if J_outer != 1 and not stoch_outer:
         raise ValueError("J_outer > 1 only makes sense with stoch_outer=True")
     with torch.enable_grad():
-        layout, hparams, g_w, g_h = _prepare(params, hparams, outer_loss, False)
+        layout, hparams, g_w, g_h, _ = _prepare(params, hparams, outer_loss, False)
         params = layout.params
         for _ in range(J_outer - 1):
-            _, _, gw1, gh1 = _prepare(params, hparams, outer_loss, False)
+            _, _, gw1, gh1, _ = _prepare(params, hparams, outer_loss, False)
             g_w, g_h = tl.axpy(1.0, gw1, g_w), tl.axpy(1.0, gh1, g_h)
         g_w, g_h = tl.scale(1.0 / J_outer, g_w), tl.scale(1.0 / J_outer, g_h)
         if fp_map is None:  # Phi = -grad inner_loss: the system becomes H v = g (sign handled below)

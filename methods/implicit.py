@@ -69,8 +69,7 @@ def implicit_hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], 
     y = [w.detach() for w in y]
     res = hypergradient_at(y, hparams, inner_loss, outer_loss, lr, solver=solver, K=K, tol=tol, v0=v0,
                            set_grad=set_grad, fixed_point_tol=fixed_point_tol, **solver_options)
-    with torch.no_grad():
-        upper = outer_loss(y, hparams).detach()
+    upper = res.outer_loss
     return ImplicitResult(res.grads, y, upper, float(norms[-1]) if norms else float("nan"),
                           res.fp_residual, res.fp_residual_rel,
                           res.iterations, res.residual, res.converged, res.solver, res.v)
