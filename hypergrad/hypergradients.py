@@ -58,18 +58,15 @@ class HypergradResult:
 
 
 class _Layout:
-    """The solvers' view of ``params``: several tensors become one flat leaf (they share a dtype and device,
-    checked), so an iteration of a solver costs O(1) tensor operations whatever the number of tensors;
-    the maps see views of it shaped like ``params``. One tensor is used as it is."""
+    """The solvers' view of ``params``: several tensors (one dtype and device, checked) are one flat vector
+    to the solvers, so an iteration of a solver costs O(1) tensor operations whatever the number of
+    tensors; the maps and autograd see the tensors themselves (``params``: detached leaves), and each
+    product converts at the boundary (one split, one cat). One tensor is used as it is."""
 
     def __init__(self, params: Sequence[Tensor], flat: bool):
         self.shapes, self.flat = [p.shape for p in params], flat and len(params) > 1
-        if self.flat:
-            self.sizes = [p.numel() for p in params]
-            self.leaves = [torch.cat([p.detach().reshape(-1) for p in params]).requires_grad_(True)]
-            self.params = self.unpack(self.leaves)
-        else:
-            self.leaves = self.params = tl.detached_leaves(params)
+        self.sizes = [p.numel() for p in params]
+        self.params = tl.detached_leaves(params)
 
     def pack(self, xs: Sequence[Tensor]) -> List[Tensor]:
         """Tensors shaped like ``params`` in the solvers' layout."""
@@ -81,15 +78,14 @@ class _Layout:
 
 
 class _FixedPointSystem:
-    """The adjoint system (I - J^T) v = dE/dw with J = dPhi/dw at the given (w, lambda), in the solvers'
-    layout (``layout.leaves``)."""
+    """The adjoint system (I - J^T) v = dE/dw with J = dPhi/dw at the given (w, lambda); vectors ``u`` are
+    in the solvers' layout (:class:`_Layout`)."""
 
     def __init__(self, layout: _Layout, hparams, fp_map: FpMap, stochastic: bool, create_graph: bool,
                  operator: Optional[Tensor] = None):
-        self.layout, self.params, self.w, self.hparams = layout, layout.params, layout.leaves, hparams
+        self.layout, self.params, self.hparams = layout, layout.params, hparams
         self.fp_map, self.stochastic, self.create_graph = fp_map, stochastic, create_graph
         self._mapped = None if stochastic else self.map()
-        self._outs = None if stochastic else self.layout.pack(self._mapped)
         self._jvp_graph = None
         self.operator = operator
         if operator is not None:
@@ -109,39 +105,38 @@ class _FixedPointSystem:
                              "map's output from params and hparams with differentiable operations")
         return out
 
+    def mapped(self) -> List[Tensor]:
+        return self.map() if self.stochastic else self._mapped
+
     def residual(self) -> tuple:
         """(||Phi(w) - w||, max_i ||Phi_i(w) - w_i|| / max(||w_i||, ||Phi_i(w)||, 1e-3 S)) over the params
         tensors i (S the largest of those scales): a tensor far from its fixed point is not hidden by a larger
         converged one."""
-        mapped = self.map() if self.stochastic else self._mapped
-        d, rel = fixed_point_residuals([p.detach() for p in self.params], [m.detach() for m in mapped], tl.dots)
+        d, rel = fixed_point_residuals([p.detach() for p in self.params], [m.detach() for m in self.mapped()],
+                                       tl.dots)
         a, r = torch.stack([d, rel]).tolist()
         return a, r
 
-    def outs(self) -> List[Tensor]:
-        """Phi(w) in the solvers' layout."""
-        return self.layout.pack(self.map()) if self.stochastic else self._outs
-
     def vjp(self, u, wrt) -> List[Tensor]:
         """(dPhi/d wrt)^T u, ``u`` in the solvers' layout (outputs without a graph contribute zero)."""
-        pairs = [(m, c) for m, c in zip(self.outs(), u) if m.requires_grad]
+        pairs = [(m, c) for m, c in zip(self.mapped(), self.layout.unpack(u)) if m.requires_grad]
         return tl.grad_or_zeros([m for m, _ in pairs], wrt, grad_outputs=[c for _, c in pairs], retain_graph=True,
                                 create_graph=self.create_graph)
 
     def matvec(self, u) -> List[Tensor]:
         """(I - J^T) u."""
-        return tl.sub(u, self.vjp(u, self.w))
+        return tl.sub(u, self.layout.pack(self.vjp(u, self.params)))
 
     def matmat(self) -> Optional[Tensor]:
         """The dense operator (I - J^T) as an n x n matrix, by one batched VJP; None if unsupported."""
         if self.stochastic:
             return None
-        flat = tl.flatten(self.w)
+        flat = tl.flatten(self.params)
         eye = torch.eye(flat.numel(), dtype=flat.dtype, device=flat.device)
         batch = [c.reshape(eye.shape[0], *p.shape) for c, p in
-                 zip(torch.split(eye, [p.numel() for p in self.w], dim=1), self.w)]
+                 zip(torch.split(eye, [p.numel() for p in self.params], dim=1), self.params)]
         try:
-            jt = torch.autograd.grad(self._outs, self.w, grad_outputs=batch, retain_graph=True,
+            jt = torch.autograd.grad(self._mapped, self.params, grad_outputs=batch, retain_graph=True,
                                      create_graph=self.create_graph, allow_unused=True, is_grads_batched=True)
         except RuntimeError:
             return None
@@ -152,12 +147,13 @@ class _FixedPointSystem:
     def rmatvec(self, u) -> List[Tensor]:
         """(I - J) u, by the double-VJP trick: J u = d/dd <J^T d, u>."""
         if self._jvp_graph is None or self.stochastic:
-            dummy = [torch.zeros_like(p).requires_grad_(True) for p in self.w]
-            self._jvp_graph = (dummy, tl.grad_or_zeros(self.outs(), self.w, grad_outputs=dummy,
+            dummy = [torch.zeros_like(p).requires_grad_(True) for p in self.params]
+            self._jvp_graph = (dummy, tl.grad_or_zeros(self.mapped(), self.params, grad_outputs=dummy,
                                                        retain_graph=True, create_graph=True))
         dummy, jtd = self._jvp_graph
-        return tl.sub(u, tl.grad_or_zeros(jtd, dummy, grad_outputs=u, retain_graph=True,
-                                          create_graph=self.create_graph))
+        ju = tl.grad_or_zeros(jtd, dummy, grad_outputs=self.layout.unpack(u), retain_graph=True,
+                              create_graph=self.create_graph)
+        return tl.sub(u, self.layout.pack(ju))
 
 
 def _prepare(params, hparams, outer_loss: OuterLoss, create_graph: bool, flat: bool = False):
@@ -166,8 +162,8 @@ def _prepare(params, hparams, outer_loss: OuterLoss, create_graph: bool, flat: b
     params, hparams = tl.check_inputs(params, hparams)
     layout = _Layout(params, flat)
     loss = tl.scalar_loss(outer_loss, layout.params, hparams, "outer_loss(params, hparams)")
-    g = tl.grad_or_zeros(loss, layout.leaves + hparams, retain_graph=create_graph, create_graph=create_graph)
-    g_w, g_h = g[:len(layout.leaves)], g[len(layout.leaves):]
+    g = tl.grad_or_zeros(loss, layout.params + hparams, retain_graph=create_graph, create_graph=create_graph)
+    g_w, g_h = layout.pack(g[:len(params)]), g[len(params):]
     tl.assert_finite(g_w + g_h, "the gradient of outer_loss")
     return layout, hparams, g_w, g_h, loss
 
