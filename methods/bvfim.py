@@ -5,28 +5,38 @@ With mu1 = z_l2_reg, theta = y_l2_reg, tau = y_ln_reg and mu2 > 0:
 
 1. z-loop, T_z steps:  z <- z - s_z grad_z [f(x, z) + mu1/2 ||z||^2];
    value  f*_mu(x) = f(x, z) + mu1/2 ||z||^2 + mu2.
-2. y-loop, T_y steps on the barrier problem  F(x, y) + theta/2 ||y||^2 - tau ln(f*_mu(x) - f(x, y)),
-   keeping the slack f*_mu(x) - f(x, y) > 0: if the start is infeasible the loop restarts from z (where
-   the slack is mu1/2 ||z||^2 + mu2 > 0), and a step that would leave the interior or increase the
-   barrier objective beyond its rounding error is halved until it does not (when the change of psi is
-   within roundoff, progress is judged by a smaller gradient norm instead; after ``max_backtracks``
-   halvings y stays where it is, the step counts as a stall and the y-loop ends). The monotone rule keeps y from jumping to a far
-   basin of a periodic f through one huge barrier step.
+2. y-loop, T_y steps on the barrier problem  psi(y) = F(x, y) + theta/2 ||y||^2 - tau ln s(y),
+   s(y) = f*_mu(x) - f(x, y), keeping the slack s > 0 (an infeasible start restarts from z, where s =
+   mu1/2 ||z||^2 + mu2 > 0). Step t is y + eta_t d, d the rule's step (gradient descent: -s_y grad psi) and
+   eta_t in (0, 1] carried over: the first trial is eta_{t-1} (times ``ETA_GROWTH`` = 2, at most 1, after a
+   step accepted at its first trial; eta_{-1} = 1). A trial is accepted when s > 0 and psi does not increase
+   beyond its rounding error (when the change of psi is within roundoff, progress is judged by a smaller
+   gradient norm instead); a rejected trial is shrunk by a factor in [0.1, 0.5]: the minimizer of the
+   parabola through psi(0), psi'(0) = grad psi . d and psi(eta), or, when infeasible, where the concave
+   model s - b eta^2 through s(eta) reaches s / 2 (else a halving). After ``max_backtracks``
+   rejections y stays where it is, the step counts as a stall and the y-loop ends. A momentum rule whose step
+   points uphill (grad psi . d >= 0) has its momentum reset for that step (an adaptive restart); a step that
+   still does not descend (weight decay, maximize) is tried from eta = 1. Why carried over: the
+   barrier's curvature (tau/s) grad^2 f + (tau/s^2) grad f grad f^T is often 10-100 times f's, for which s_y
+   is set, so the scale of eta is found once rather than by halving at every step. The monotone rule keeps
+   y from jumping to a far basin of a periodic f through one huge barrier step.
 3. Upper gradient (Danskin on both value functions, d/dx of F(x, y) - tau ln(f*_mu(x) - f(x, y))):
-       grad_x F(x, y) + tau (grad_x f(x, y) - grad_x f(x, z)) / (f*_mu(x) - f(x, y)).
+       grad_x F(x, y) + tau (grad_x f(x, y) - grad_x f(x, z)) / (f*_mu(x) - f(x, y)),
+   from the graphs of the y-loop's last accepted point and of f(x, z): no evaluation of f or F of its own.
 4. The regularization (mu1, mu2, theta, tau) is divided by ``reg_decay`` >= 1, growing with the outer
    iterations. Adding a constant to f changes nothing: only differences of f enter, and the slack is
    computed as (f(x, z) - f(x, y)) + (mu1/2 ||z||^2 + mu2) so no rounding at the scale of f is added.
 
 Precision: psi's rounding error is estimated as eps of the dtype times the magnitudes in psi (the slack's
-error amplified by tau / slack); below it the backtracking test compares gradient norms, so float32
-neither stalls on noise nor oscillates within it. Where the
-dtype cannot resolve the slack at all (eps |f| > ``slack_rtol`` * slack, e.g. f ~ 1e6 in float32) the
-result would be noise and :class:`SlackResolutionError` is raised. A diverging z-loop (z_lr too large)
-raises :class:`hypergrad.DivergenceError`.
+error amplified by tau / slack); below it the acceptance test compares gradient norms, so float32
+neither stalls on noise nor oscillates within it. Where the dtype cannot resolve the slack at all
+(eps |f| > ``slack_rtol`` * slack, e.g. f ~ 1e6 in float32) the result would be noise and
+:class:`SlackResolutionError` is raised. A diverging z-loop (z_lr too large) raises
+:class:`hypergrad.DivergenceError`.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Union
 
@@ -50,7 +60,10 @@ class SlackResolutionError(HypergradError, ArithmeticError):
 class BVFIMResult(Result):
     """Plus ``z`` (the regularized lower solution), ``slack`` = f*_mu - f(x, y) > 0 at the returned y,
     ``f_star`` = f*_mu(x), the y-loop's last gradient norm ``y_grad_norm``, the number of ``restarts``
-    from z and of ``backtracks`` (step halvings), and the regularization used (mu1, mu2, theta, tau).
+    from z, of ``backtracks`` (rejected trial steps) and ``stalls``, ``f_evals`` (evaluations of f in the
+    call: T_z + T_y + 2 + ``backtracks`` + ``restarts`` when no step stalls), the last accepted step
+    fraction ``eta``, ``momentum_restarts`` (steps whose momentum pointed uphill on psi and was reset), and
+    the regularization used (mu1, mu2, theta, tau).
     ``lower_grad_norm`` and ``fp_residual`` are the z-loop's last gradient norm and step ||z_T - z_{T-1}||;
     ``y_fp_residual`` is the y-loop's last undamped step ||Phi(y) - y|| (before backtracking)."""
     z: List[Tensor]
@@ -62,10 +75,39 @@ class BVFIMResult(Result):
     restarts: int
     backtracks: int
     stalls: int
+    f_evals: int
+    eta: float
+    momentum_restarts: int
     mu1: float
     mu2: float
     theta: float
     tau: float
+
+
+# the y-step rule: the fraction eta of the rule's step carries over from step to step, times ETA_GROWTH (at most 1)
+# after a step accepted at its first trial; a rejected trial is shrunk by a factor in [SHRINK_MIN, SHRINK_MAX]
+ETA_GROWTH, SHRINK_MIN, SHRINK_MAX = 2.0, 0.1, 0.5
+
+
+def _shrink(change: Optional[float], tol: float, eta: float, slope: float, slack: float, cand_slack: float) -> float:
+    """The factor for the next trial after rejecting the trial at fraction ``eta`` (psi's change ``change``,
+    None if infeasible, within roundoff ``tol``; ``slope`` = d psi / d eta at 0; slacks at 0 and at ``eta``)."""
+    if change is None:  # infeasible: the concave model s(e) = s - b e^2 through the trial, aiming at s / 2
+        q = math.sqrt(slack / (2 * (slack - cand_slack))) if slack > cand_slack else 0.5  # (NaN: 0.5)
+    elif abs(change) <= tol or slope >= 0:  # roundoff, or not a descent direction: no model
+        q = 0.5
+    else:  # the minimizer of the parabola through psi(0), psi'(0) and psi(eta)
+        curv = change - slope * eta
+        q = -slope * eta / (2 * curv) if curv > 0 else 0.5
+    return min(SHRINK_MAX, max(SHRINK_MIN, q)) if q == q else 0.5
+
+
+def _rule_step(rule: SGDRule, y: List[Tensor], g: List[Tensor], state):
+    """The rule's step from y: (Phi(y), the new state, d = Phi(y) - y, grad psi . d as a tensor)."""
+    with torch.no_grad():
+        new, state = rule.step(y, g, state)
+        step = [n - w for w, n in zip(y, new)]
+        return new, state, step, sum((gi * di).sum() for gi, di in zip(g, step))
 
 
 def _positive(value, name: str, allow_zero: bool = False) -> float:
@@ -99,11 +141,17 @@ def bvfim_hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], inn
     xd = hparams  # the loops never differentiate w.r.t. x (autograd.grad w.r.t. the iterate only)
     eps = torch.finfo(params[0].dtype).eps
 
+    n_f = [0]  # evaluations of f, for the diagnostics
+
+    def f_of(y, x):
+        n_f[0] += 1
+        return inner_loss(y, x)
+
     # 1. z-loop on the regularized lower problem
     z_losses: List[Tensor] = []
 
     def z_grad(z, t, create_graph):
-        loss = inner_loss(z, xd) + 0.5 * mu1 * sq_norm(z)
+        loss = f_of(z, xd) + 0.5 * mu1 * sq_norm(z)
         z_losses.append(loss.detach())
         return grads_of(loss, z)
 
@@ -111,52 +159,67 @@ def bvfim_hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], inn
     z, _, z_norms, z_prev = descend(start_z, z_grad, z_rule, range(z_loop), track=False)
     check_lower(z_losses, z_norms, step_name("z_lr", z_rule), "the z-loop")
     z = [w.detach() for w in z]
+    with torch.enable_grad():
+        f_zx = f_of(z, xd).reshape(())  # with its graph to x: grad_x f(x, z) of the upper gradient
+    f_z = f_zx.detach()
     with torch.no_grad():
-        f_z = inner_loss(z, xd).reshape(())
         reg = 0.5 * mu1 * sq_norm(z) + mu2  # f*_mu = f_z + reg; the slack is (f_z - f(y)) + reg, in that order
     raise_if_nonfinite([f_z, reg], "the value f(x, z) + mu1/2 |z|^2", "z step")
+    grad_fz = grads_of(f_zx, hparams) if f_zx.requires_grad else [torch.zeros_like(h) for h in hparams]
+    del f_zx
 
     # 2. y-loop on the barrier problem, strictly inside {f(x, y) < f*_mu}, never increasing psi beyond roundoff
     def psi_at(y):
-        """Leaves for y, psi(y) (with graph; None if infeasible), the slack and psi's rounding error: eps times
-        the magnitudes summed in psi, the slack's error eps (|f_z| + |f(y)|) amplified by tau / slack."""
+        """Leaves for y, psi(y) (with graph; None if infeasible), the slack (a float), psi's rounding error
+        (eps times the magnitudes summed in psi, the slack's error eps (|f_z| + |f(y)|) amplified by tau /
+        slack) and (F(x, y), f(x, y), slack) with their graphs to x, for the upper gradient."""
         y = [w.detach().requires_grad_(True) for w in y]
         with torch.enable_grad():
-            f_y = inner_loss(y, xd).reshape(())
+            f_y = f_of(y, xd).reshape(())
             s = (f_z - f_y) + reg
-            if not bool(s > 0):  # also catches NaN
-                return y, None, s, None
+            s_val = float(s.detach())
+            if not s_val > 0:  # also catches NaN
+                return y, None, s_val, None, None
             F_y, ry = outer_loss(y, xd).reshape(()), 0.5 * theta * sq_norm(y)
             psi = F_y + ry - tau * torch.log(s)
         with torch.no_grad():
             noise = 8 * eps * (F_y.abs() + ry + tau * torch.log(s).abs() + tau * (f_z.abs() + f_y.abs() + reg) / s)
-        return y, psi, s, noise
+        return y, psi, s_val, noise, (F_y, f_y, s)
 
     def grad_at(y, psi):
-        with torch.enable_grad():
-            return grads_of(psi, y)
+        with torch.enable_grad():  # the graph is kept: the accepted point's serves the upper gradient
+            return grads_of(psi, y, retain_graph=True)
 
-    restarts = backtracks = stalls = 0
-    y, psi, _, noise = psi_at(params)
+    restarts = backtracks = stalls = restarts_m = 0
+    y, psi, s_cur, noise, parts = psi_at(params)
     if psi is None:
         restarts += 1
-        y, psi, _, noise = psi_at(z)
+        y, psi, s_cur, noise, parts = psi_at(z)
+        if psi is None:  # the slack at z is reg > 0 up to f's own nondeterminism
+            raise NonFiniteError(f"BVFIM: the slack is {s_cur:.3e} at z itself (f(x, z) is not reproducible?)")
     g = grad_at(y, psi)
     state = y_rule.init(y)
     y_norm = torch.sqrt(sq_norm(g))
     y_prev, y_phi = [w.detach() for w in y], [w.detach() for w in y]
+    eta, grow = 1.0, False
     for t in range(y_loop):
         y_norm = torch.sqrt(sq_norm(g))
-        if not bool(torch.isfinite(psi) & torch.isfinite(y_norm)):
+        y_prev = [w.detach() for w in y]
+        new, state, step, slope = _rule_step(y_rule, y_prev, g, state)
+        psi_v, norm_v, slope_v = torch.stack([psi.detach(), y_norm, slope]).tolist()  # one read
+        if not all(math.isfinite(v) for v in (psi_v, norm_v, slope_v)):
             raise NonFiniteError(f"BVFIM y-loop: the barrier objective or its gradient is NaN or Inf at y step {t}")
-        with torch.no_grad():
-            new, state = y_rule.step([w.detach() for w in y], g, state)
-        y_prev, y_phi = [w.detach() for w in y], new
-        eta = 1.0
-        for _ in range(max_backtracks + 1):
-            cand = [w.detach() + eta * (n - w.detach()) for w, n in zip(y, new)]
-            cand, cand_psi, _, cand_noise = psi_at(cand)
-            accept = False
+        if slope_v >= 0 and any(b is not None for b in state):  # momentum pointing uphill: restart it
+            new, state, step, slope = _rule_step(y_rule, y_prev, g, y_rule.init(y_prev))
+            slope_v = float(slope)
+            restarts_m += 1
+        y_phi = new
+        # not a descent direction (weight decay, maximize): no short step can help, the trials start at 1
+        trial = 1.0 if slope_v >= 0 else min(1.0, ETA_GROWTH * eta) if grow else eta
+        for k in range(max_backtracks + 1):
+            cand = [w + trial * d for w, d in zip(y_prev, step)]
+            cand, cand_psi, cand_s, cand_noise, cand_parts = psi_at(cand)
+            accept, change = False, None
             if cand_psi is not None:
                 change, tol = torch.stack([(cand_psi - psi).detach(), noise + cand_noise]).tolist()  # one read
                 if change <= tol:
@@ -164,33 +227,35 @@ def bvfim_hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], inn
                     # within roundoff psi cannot tell: progress is then a smaller gradient
                     accept = change < -tol or bool(sq_norm(cand_g) < y_norm ** 2)
             if accept:
-                y, psi, noise, g = cand, cand_psi, cand_noise, cand_g
+                y, psi, noise, g, s_cur, parts = cand, cand_psi, cand_noise, cand_g, cand_s, cand_parts
+                eta, grow = trial, k == 0
                 break
-            eta *= 0.5
             backtracks += 1
-        else:  # no halving keeps y interior and makes progress: y is a minimizer to working precision
+            trial *= _shrink(change, tol if change is not None else 0.0, trial, slope_v, s_cur, cand_s)
+        else:  # no shorter step keeps y interior and makes progress: y is a minimizer to working precision
             stalls += 1
             break
 
-    # 3. Danskin: d/dx [F(x, y) - tau ln((f(x, z) - f(x, y)) + mu1/2|z|^2 + mu2)] at fixed y, z
+    # 3. Danskin: d/dx [F(x, y) - tau ln((f(x, z) - f(x, y)) + mu1/2|z|^2 + mu2)] at fixed y, z, from the graphs
+    #    of the accepted point: grad_x F + (tau / s) grad_x f(x, y) - (tau / s) grad_x f(x, z)
     y = [w.detach() for w in y]
+    upper, fy, gap = parts
     with torch.enable_grad():
-        upper = outer_loss(y, hparams).reshape(())
-        fz, fy = inner_loss(z, hparams).reshape(()), inner_loss(y, hparams).reshape(())
-        gap = (fz - fy) + (0.5 * mu1 * sq_norm(z) + mu2)
-        if not bool(gap > 0):
-            raise NonFiniteError(f"BVFIM: the slack f*_mu - f(x, y) = {float(gap):.3e} is not positive at the "
-                                 "returned y")
-        grads = grads_of(upper - tau * torch.log(gap), hparams)
-    check_slack(gap.detach(), fz.detach(), fy.detach(), eps, slack_rtol, y[0].dtype)
+        w_s = (tau / gap).detach()
+        total = upper + w_s * fy
+        gx = grads_of(total, hparams) if total.requires_grad else [torch.zeros_like(h) for h in hparams]
+    grads = [a - w_s * b for a, b in zip(gx, grad_fz)]
+    gap, fy = gap.detach(), fy.detach()
+    del parts, psi, g
+    check_slack(gap, f_z, fy, eps, slack_rtol, y[0].dtype)
     assert_finite([upper.detach()] + grads, "the BVFIM upper loss or gradient")
     if set_grad:
         update_tensor_grads(hparams, grads)
     fp, fp_rel = fp_residual(z_prev, z)
     yfp, yfp_rel = fp_residual(y_prev, y_phi)
     return BVFIMResult(grads, y, upper.detach(), float(z_norms[-1]), fp, fp_rel, z, float(gap.detach()),
-                       float(f_z + reg), float(y_norm), yfp, yfp_rel, restarts, backtracks, stalls, mu1, mu2,
-                       theta, tau)
+                       float(f_z + reg), float(y_norm), yfp, yfp_rel, restarts, backtracks, stalls, n_f[0], eta,
+                       restarts_m, mu1, mu2, theta, tau)
 
 
 def check_slack(slack: Tensor, f_z: Tensor, f_y: Tensor, eps: float, rtol: float, dtype) -> None:

@@ -5,7 +5,7 @@ import torch
 
 import methods
 from hypergrad.errors import NonFiniteError
-from methods_problems import Vec, mlp_problem, quadratic, quadratic_objectives, rel_err
+from methods_problems import DT, Vec, mlp_problem, quadratic, quadratic_objectives, rel_err
 
 
 def danskin(f, F, x, y, z, mu1, mu2, tau):
@@ -127,3 +127,127 @@ def test_errors():
     s = methods.BVFIM(ul, um, ll, ll_model=lm, lower_loop=2, y_loop=2)
     with pytest.raises(ValueError, match="reg_decay"):
         s.compute_gradients(None, None, None, None, reg_decay=-1.0)
+
+
+# ---------------------------------------------------------------- the y-step rule: cost and result
+def dense_quadratic(n=50, m=10, rho=0.01, seed=0):
+    """f = 1/2 y^T A y - y^T B x (A SPD, eigenvalues in [1, 10]), F = 1/2 |y - y_t|^2 + rho/2 |x|^2: the
+    barrier's curvature (tau/s) A + (tau/s^2) grad f grad f^T is far above f's, for which the step 0.1 is set."""
+    g = torch.Generator().manual_seed(seed)
+    Q = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=DT))[0]
+    A = Q @ torch.diag(torch.linspace(1.0, 10.0, n, dtype=DT)) @ Q.T
+    B = torch.randn(n, m, generator=g, dtype=DT) / m ** 0.5
+    y_t = torch.randn(n, generator=g, dtype=DT)
+    x0 = torch.randn(m, generator=g, dtype=DT)
+    return dict(A=A, B=B, y_t=y_t, x0=x0, rho=rho, n=n,
+                f=lambda x, y: 0.5 * y @ A @ y - y @ B @ x,
+                F=lambda x, y: 0.5 * ((y - y_t) ** 2).sum() + 0.5 * rho * (x @ x))
+
+
+def barrier_newton(P, x, z, mu1, mu2, theta, tau):
+    """The minimizer of psi(y) = F + theta/2 |y|^2 - tau ln(f*_mu - f(x, y)) by Newton's method with the
+    gradient and Hessian in closed form (no autograd): grad = (1 + theta) y - y_t + tau grad f / s,
+    H = (1 + theta) I + tau A / s + tau grad f grad f^T / s^2, s the slack."""
+    A, B, y_t, f = P["A"], P["B"], P["y_t"], P["f"]
+    c = f(x, z) + 0.5 * mu1 * (z @ z) + mu2
+    y = z.clone()
+
+    def grad(y):
+        gf = A @ y - B @ x
+        return (1 + theta) * y - y_t + tau * gf / (c - f(x, y)), gf
+
+    for _ in range(60):
+        g, gf = grad(y)
+        s = c - f(x, y)
+        H = (1 + theta) * torch.eye(len(y), dtype=DT) + tau * A / s + tau * torch.outer(gf, gf) / s ** 2
+        step, t = torch.linalg.solve(H, g), 1.0
+        while c - f(x, y - t * step) <= 0:
+            t /= 2
+        y = y - t * step
+    assert grad(y)[0].norm() <= 1e-12 and c - f(x, y) > 0
+    return y
+
+
+def danskin_closed_form(P, x, y, z, mu1, mu2, tau):
+    """grad_x F + tau (grad_x f(x, y) - grad_x f(x, z)) / s = rho x + tau B^T (z - y) / s."""
+    s = P["f"](x, z) + 0.5 * mu1 * (z @ z) + mu2 - P["f"](x, y)
+    return P["rho"] * x + tau * P["B"].T @ (z - y) / s
+
+
+def test_y_loop_costs_about_one_evaluation_per_step_on_a_stiff_barrier():
+    """Every evaluation of f and F is counted over 10 outer steps (T_z = T_y = 20, steps 0.1, the default
+    regularization). The minimum is T_z + T_y + 2 evaluations of f (the z-loop, f(x, z), the y-loop's start
+    and one per y-step; the upper gradient reuses their graphs) and T_y + 1 of F. Before: the y-step was
+    halved from the full step at every y-step: 88 evaluations of f and 65 of F per outer step here (now 48, 27)."""
+    P, T = dense_quadratic(), 20
+    count = {"f": 0, "F": 0}
+
+    def ll(state):
+        count["f"] += 1
+        return P["f"](state["upper_model"](), state["lower_model"]())
+
+    def ul(state):
+        count["F"] += 1
+        return P["F"](state["upper_model"](), state["lower_model"]())
+
+    um, lm = Vec(P["x0"], "x"), Vec(torch.zeros(P["n"], dtype=DT), "y")
+    solver = methods.BVFIM(ul, um, ll, ll_model=lm, lower_loop=T, y_loop=T, z_lr=0.1, y_lr=0.1)
+    opt = torch.optim.SGD(um.parameters(), lr=0.1)
+    per_f, per_F, total_backtracks = [], [], 0
+    for _ in range(10):
+        count.update(f=0, F=0)
+        opt.zero_grad()
+        solver.compute_gradients(None, None, None, None)
+        opt.step()
+        r = solver.last
+        assert r.f_evals == count["f"] == 2 * T + 2 + r.backtracks + r.restarts  # no stall here
+        assert r.stalls == 0 and r.slack > 0 and 0 < r.eta <= 1
+        per_f.append(count["f"])
+        per_F.append(count["F"])
+        total_backtracks += r.backtracks
+    assert sum(per_f) / len(per_f) <= 2 * T + 2 + T / 2, per_f  # at most one rejected trial every 2nd step
+    assert max(per_f) <= 3 * T + 3, per_f
+    assert sum(per_F) / len(per_F) <= T + 1 + T / 2, per_F
+    assert total_backtracks > 0  # the full step is too long here: the rule is exercised
+
+
+def test_y_loop_converges_to_the_barrier_minimizer_and_the_gradient_is_danskins():
+    """The y-loop's end against Newton's method on the barrier problem (closed-form derivatives), for growing
+    T_y: the error falls to rounding level; the upper gradient is Danskin's formula in closed form at the
+    returned (y, z) for every T_y, and at the barrier minimizer once the y-loop has converged."""
+    P = dense_quadratic()
+    x = P["x0"].clone().requires_grad_(True)
+    f = lambda y, h: P["f"](h[0], y[0])  # noqa: E731
+    F = lambda y, h: P["F"](h[0], y[0])  # noqa: E731
+    errors = []
+    for T_y in (10, 25, 50, 100):
+        r = methods.bvfim_hypergradient([torch.zeros(P["n"], dtype=DT)], [x], f, F, z_loop=20, y_loop=T_y,
+                                        z_lr=0.1, y_lr=0.1, set_grad=False)
+        y, z = r.params[0], r.z[0]
+        y_ref = barrier_newton(P, P["x0"], z, r.mu1, r.mu2, r.theta, r.tau)
+        errors.append(((y - y_ref).norm() / y_ref.norm()).item())
+        assert rel_err(r.grads[0], danskin_closed_form(P, P["x0"], y, z, r.mu1, r.mu2, r.tau)) <= 1e-12
+        assert abs(r.slack - (P["f"](P["x0"], z) + 0.5 * r.mu1 * (z @ z) + r.mu2 - P["f"](P["x0"], y)).item()) \
+            <= 1e-12 * r.slack
+    assert all(b < 0.05 * a for a, b in zip(errors, errors[1:])), errors  # converging, not stalling
+    assert errors[0] > 1e-3 and errors[-1] <= 1e-13, errors  # from far to rounding level
+    ref = danskin_closed_form(P, P["x0"], y_ref, z, r.mu1, r.mu2, r.tau)
+    assert rel_err(r.grads[0], ref) <= 1e-10
+
+
+def test_y_loop_with_momentum_restarts_it_where_it_points_uphill():
+    """With ll_opt's momentum 0.9 the rule's step points uphill on psi now and then; no shorter step helps
+    there, so without a reset of the momentum the y-loop stalled after 31 trials (at a 1e-2 error here)."""
+    P = dense_quadratic()
+    x = P["x0"].clone().requires_grad_(True)
+    f = lambda y, h: P["f"](h[0], y[0])  # noqa: E731
+    F = lambda y, h: P["F"](h[0], y[0])  # noqa: E731
+    rule = methods.SGDRule([0.1], [0.9], [0.0], [0.0], [False], [False])
+    r = methods.bvfim_hypergradient([torch.zeros(P["n"], dtype=DT)], [x], f, F, z_loop=20, y_loop=100,
+                                    y_rule=rule, set_grad=False)
+    y, z = r.params[0], r.z[0]
+    assert r.slack > 0 and r.stalls == 0 and r.momentum_restarts > 0
+    assert r.f_evals <= 20 + 2 * 100 + 2  # at most one rejected trial per step on average
+    assert rel_err(r.grads[0], danskin_closed_form(P, P["x0"], y, z, r.mu1, r.mu2, r.tau)) <= 1e-12
+    y_ref = barrier_newton(P, P["x0"], z, r.mu1, r.mu2, r.theta, r.tau)
+    assert ((y - y_ref).norm() / y_ref.norm()).item() <= 1e-3
