@@ -34,6 +34,9 @@ BENCHMARKS = {
     "memory": ("bench_memory.py", "peak memory of reverse modes against the trajectory length T", False),
     "core": ("bench_core.py", "CG against raw HVPs, warm starts, reverse vs unrolled memory", False),
     "constrained": ("bench_constrained.py", "KKT hypergradients against cvxpylayers", False),
+    "vs_boat": ("bench_vs_boat.py", "methods/ against BOAT 1.1.1 (installed into its own venv) and against the same "
+                "mathematics in plain autograd: time per upper iteration, hyper-cleaning and dense quadratics, "
+                "float64 result checks", False),
     "layer": ("bench_layer.py", "implicit layer (custom_root) against torchopt 0.7.3: backward time at equal "
               "accuracy, second derivatives, vmap, 0-d solutions", False),
 }

@@ -95,22 +95,18 @@ def _systems(mask: Tensor, show: int = 8) -> str:
     return ", ".join(map(str, idx[:show])) + (f", ... ({len(idx)} in all)" if len(idx) > show else "")
 
 
-def _gram(R, vecs: Sequence[Sequence[Tensor]], n_rows: int, vectors: bool = False):
-    """G[i][j] = <vecs[i], vecs[j]> for i < ``n_rows`` and every j, per system: one stack and one matrix
-    product per tensor of the lists (one host read on the host path, where the entries are floats; [B]
-    tensors otherwise, differentiable). ``vectors``: every tensor is 1-D already (host path)."""
+def _dots(R, vecs: Sequence[Sequence[Tensor]], pairs: Sequence[Tuple[int, int]]):
+    """[<vecs[i], vecs[j]> for (i, j) in pairs], per system: on the host path floats, one dot product each
+    (reading a CPU scalar costs nothing, and a dot is cheaper than stacking the vectors); for a batch [B]
+    tensors from one stack and one batched matrix product per tensor (one kernel, differentiable)."""
+    if R.host:
+        return [R.dot(vecs[i], vecs[j]) for i, j in pairs]
     G = None
     for k in range(len(vecs[0])):
-        if R.host:
-            W = torch.stack([v[k] for v in vecs] if vectors else [v[k].reshape(-1) for v in vecs])
-            part = W @ W.t()  # the extra rows cost nothing next to the call
-        else:
-            W = torch.stack([v[k].reshape(v[k].shape[0], -1) for v in vecs], 1)
-            part = W[:, :n_rows] @ W.transpose(1, 2)
+        W = torch.stack([v[k].reshape(v[k].shape[0], -1) for v in vecs], 1)
+        part = W @ W.transpose(1, 2)
         G = part if G is None else G + part
-    if R.host:
-        return G.tolist()
-    return [[G[:, i, j] for j in range(len(vecs))] for i in range(n_rows)]
+    return [G[:, i, j] for i, j in pairs]
 
 
 class _TensorRows:
@@ -528,18 +524,17 @@ def solve_cg(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: Optional[fl
     sym_tol, sing_res = _sym_tol(b, R), math.sqrt(eps) * mon.r0
     res, p, prev, k = R.sqrt(rr), r, None, 0
     done = not R.any(active)
-    vectors = all(t.dim() == 1 for t in b)
     while not done and k < maxiter:
         Ap = matvec(p)
         k += 1
         sym = check_symmetry and prev is not None
-        G = _gram(R, [p, Ap] + (list(prev[:2]) if sym else []), 2, vectors)  # every product of the step at once
-        pAp, pp, ApAp = G[0][1], R.detach(G[0][0]), R.detach(G[1][1])
+        G = _dots(R, [p, Ap] + (list(prev[:2]) if sym else []), _CG_PAIRS[:5 if sym else 3])
+        pAp, pp, ApAp = G[0], R.detach(G[1]), R.detach(G[2])
         pAp_d = R.detach(pAp)
         if sym:
             pp0, ApAp0 = prev[2], prev[3]
             scale = R.sqrt(pp0) * (R.sqrt(pp) + R.sqrt(ApAp)) + R.sqrt(pp) * (R.sqrt(pp0) + R.sqrt(ApAp0))
-            gap = abs(R.detach(G[1][2] - G[0][3])) / R.safe(scale)  # <p0, A p> - <A p0, p>
+            gap = abs(R.detach(G[3] - G[4])) / R.safe(scale)  # <p0, A p> - <A p0, p>
             asym = R.maximum(asym, R.where(active, gap, zero))
         prev = (R.detach_all(p), R.detach_all(Ap), pp, ApAp) if check_symmetry else None
         a_scale = R.maximum(a_scale, R.where(active, abs(pAp_d) / R.safe(R.detach(rr)), zero))
@@ -592,6 +587,11 @@ def solve_cg(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: Optional[fl
                       "truncated approximation (converged=False); solver='minres' solves symmetric indefinite systems",
                       stacklevel=4)
     return _finish(R, "cg", x, task_its, res, confirmed, batched)
+
+
+#: the inner products of a CG step among (p, A p, p_prev, A p_prev): p^T A p, |p|^2, |A p|^2, then the two
+#: cross products whose difference tests symmetry
+_CG_PAIRS = ((0, 1), (0, 0), (1, 1), (2, 1), (3, 0))
 
 
 def _probe_symmetric(R, matvec: MatVec, b, sym_tol: float):
