@@ -273,11 +273,12 @@ def fixed_point_residuals(params, mapped, dots, scale_floor: float = 0.0, floor_
     """(||Phi(w) - w||, the per-tensor relative residual of :meth:`_FixedPointSystem.residual`); ``dots(xs, ys)``
     stacks the inner products per tensor along dim 0 (per task as a last dimension in the batched case).
     Every tensor counts at a scale of at least ``floor_ratio`` (1e-3) times the largest, and at least
-    ``scale_floor`` (a forward solve passes eps times its starting scale, so a fixed point at 0 is reached)."""
+    ``scale_floor`` (a forward solve passes eps times its starting scale, so a fixed point at 0 is reached).
+    With ``dots=tl.dots`` (one system) the 3 n norms come from one multi-tensor kernel."""
     if dots is tl.dots and len({(t.dtype, t.device) for t in list(params) + list(mapped)}) == 1:
-        n = len(params)  # one multi-tensor kernel for the 3 n squared norms
-        d2, w2, m2 = torch.stack(torch._foreach_norm(list(torch._foreach_sub(list(mapped), list(params))) + list(params)
-                                                     + list(mapped))).square().reshape(3, n)
+        n = len(params)
+        d2, w2, m2 = torch.stack(torch._foreach_norm(list(torch._foreach_sub(list(mapped), list(params)))
+                                                     + list(params) + list(mapped))).square().reshape(3, n)
     else:
         diff = [m - p for m, p in zip(mapped, params)]
         d2, w2, m2 = dots(diff, diff), dots(params, params), dots(mapped, mapped)

@@ -124,17 +124,26 @@ def accumulate_grads(hparams: Sequence[Tensor], grads: Sequence[Tensor]) -> None
 def finite_each(xs: Sequence[Tensor]) -> Tensor:
     """One bool per tensor, True where it holds no NaN or Inf: the max-abs of every tensor by one multi-tensor
     reduction (``_foreach_norm``, inf-norm: NaN propagates, no overflow) where it applies, else per tensor."""
+    m = _max_abs_each(xs)
+    return torch.isfinite(m) if m is not None else torch.stack([torch.isfinite(x.detach()).all() for x in xs])
+
+
+def _max_abs_each(xs: Sequence[Tensor]) -> Optional[Tensor]:
+    """The max-abs of every tensor (NaN where it holds a NaN) by one multi-tensor kernel; None where that
+    kernel does not apply (non-floating or empty tensors, several devices)."""
     xs = [x.detach() for x in xs]
     if all(x.is_floating_point() and x.numel() > 0 for x in xs) and len({x.device for x in xs}) == 1:
-        return torch.isfinite(torch.stack(torch._foreach_norm(xs, ord=float("inf"))))
-    return torch.stack([torch.isfinite(x).all() for x in xs])
+        return torch.stack(torch._foreach_norm(xs, ord=float("inf")))
+    return None
 
 
 def assert_finite(xs: Sequence[Tensor], what: str) -> None:
     """Raise :class:`NonFiniteError` naming ``what`` if any entry is NaN or Inf (one host sync)."""
     if not xs:
         return
-    if not bool(finite_each(xs).all()):
+    m = _max_abs_each(xs)
+    ok = math.isfinite(m.max().item()) if m is not None else bool(finite_each(xs).all())  # max keeps a NaN
+    if not ok:
         raise NonFiniteError(f"{what} contains NaN or Inf")
 
 
@@ -177,7 +186,8 @@ def check_inputs(params, hparams, name: str = "params"):
 
 def check_finite(xs: Sequence[Tensor], names: Sequence[str]) -> None:
     """Raise :class:`NonFiniteError` naming the first tensor with NaN or Inf (one host read)."""
-    ok = finite_each(xs).tolist()
+    m = _max_abs_each(xs)
+    ok = [math.isfinite(v) for v in m.tolist()] if m is not None else finite_each(xs).tolist()
     for good, n in zip(ok, names):
         if not good:
             raise NonFiniteError(f"{n} contains NaN or Inf (before any solve): check the values passed as {n}")
