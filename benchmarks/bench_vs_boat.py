@@ -9,7 +9,7 @@ A. data hyper-cleaning, BOAT's own protocol (examples/data_hyper_cleaning) on sc
    BOAT's ``initialize`` (weights N(0, 0.01^2), zero bias); upper variables x, one weight per training
    sample (BOAT's ``Net_x``: f = mean(sigmoid(x) * per-sample cross-entropy)); F = validation
    cross-entropy; lower SGD lr 0.1 (BOAT's example uses 0.01 for 5 steps on MNIST; 0.1 is stable here,
-   below 2/L, and lets T = 50 steps move the model), upper Adam lr 0.01, T = 50, 300 upper iterations.
+   below 2/L, and lets T = 50 steps move the model), upper Adam lr 0.01, T = 50, 150 upper iterations.
 B. a dense quadratic bilevel problem, n lower variables (500 and 2000), m = 10 upper variables:
    f(x, y) = 1/2 y'Ay - y'Bx + 1/2 x'(B'A^-1 B)x + 1 = 1/2 (y - y*(x))'A(y - y*(x)) + 1 >= 1,
    A = Q diag(lam) Q', lam in [1, 10], B Gaussian / sqrt(n); F = 1/2 |y - y_t|^2 + 1/2 1e-3 |x|^2;
@@ -27,7 +27,9 @@ cannot be switched off: it is included, with ``loss_log_path`` = /dev/null so th
 share is reported). One warm-up round is not counted. Reported: the median ms per iteration of each, the
 median and min-max over rounds of the per-round ratio ours / BOAT, and both over the FLOOR, the time of T
 raw lower gradients ``torch.autograd.grad(f(x, y), y)`` at fixed x (no graph), measured once per round in
-the same run. One torch thread, float32.
+the same run. For RAD, CG and Neumann a third contender runs in the same rounds: the same mathematics in
+plain autograd (:class:`Plain`: no checks, hypertorch-style fixed-k CG), the floor a library can approach
+at equal mathematics; ours/plain and BOAT/plain are reported. One torch thread, float32.
 
 Before timing, a correctness run in float64 (10-20 upper iterations per method, same initial models)
 compares our and BOAT's upper hypergradient at every iteration, the final upper variables and the final
@@ -51,7 +53,7 @@ except IAPTT-GM, where y_0 is an upper variable on both sides.
 
 Run (from the repository root):
 
-    .venv/bin/python benchmarks/bench_vs_boat.py            # full run (~5 min; --rounds-a 100: ~2 min),
+    .venv/bin/python benchmarks/bench_vs_boat.py            # full run (~5 min on 2 cores),
                                                             # also writes docs/bench_vs_boat.png
     .venv/bin/python benchmarks/bench_vs_boat.py --quick    # seconds (after the install)
     .venv/bin/python benchmarks/bench_vs_boat.py --boat-python /path/to/venv/bin/python   # reuse a BOAT venv
@@ -934,7 +936,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--quick", action="store_true", help="small sizes and few rounds (well under a minute)")
     ap.add_argument("--out", default="results", help="output folder (default results/)")
     ap.add_argument("--boat-python", default=None, help="a python with boat_torch installed (skips the install)")
-    ap.add_argument("--rounds-a", type=int, default=None, help="upper iterations timed on workload A (default 300)")
+    ap.add_argument("--rounds-a", type=int, default=None, help="upper iterations timed on workload A (default 150)")
     ap.add_argument("--rounds-b", type=int, default=None, help="upper iterations timed on workload B (default 30)")
     ap.add_argument("--sizes", type=int, nargs="+", default=None, help="workload B sizes n (default 500 2000)")
     ap.add_argument("--check-iters", type=int, default=None, help="float64 correctness iterations (default 15)")
@@ -962,7 +964,7 @@ def child(argv) -> int:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     _register_losses()
     q = args.quick
-    rounds_a = args.rounds_a or (6 if q else 300)
+    rounds_a = args.rounds_a or (6 if q else 150)
     rounds_b = args.rounds_b or (6 if q else 30)
     sizes = args.sizes or ([100] if q else [500, 2000])
     check_iters = args.check_iters or (4 if q else 15)
