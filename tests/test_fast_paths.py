@@ -168,3 +168,32 @@ def test_plain_sgd_step_equals_the_general_rule_and_its_derivative():
     assert torch.allclose(da, db, rtol=1e-15, atol=0)
     assert not SGDRule([0.3, 0.2], [0.0] * 2, [0.0] * 2, [0.0] * 2, [False] * 2, [False] * 2).is_plain()
     assert not SGDRule([0.3], [0.9], [0.0], [0.0], [False], [False]).is_plain()
+
+
+def _bench_vs_boat():
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_vs_boat.py")
+    spec = importlib.util.spec_from_file_location("bench_vs_boat_for_tests", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("method", ["RAD", "CG", "Neumann"])
+@pytest.mark.parametrize("workload", ["quadratic", "hyper_cleaning"])
+def test_the_plain_autograd_floor_computes_what_ours_computes(method, workload):
+    """benchmarks/bench_vs_boat.py times a plain-autograd version of RAD / CG / Neumann as the floor: it must
+    compute the same hypergradients as methods/ (float64, 3 upper iterations), else the floor is meaningless."""
+    B = _bench_vs_boat()
+    torch.set_default_dtype(DT)
+    try:
+        wl = B.Quadratic(30, DT) if workload == "quadratic" else B.HyperCleaning(DT)
+        (ou, ol), (pu, pl) = B._pair(method, wl)
+        ours, plain = B.Ours(method, wl, ou, ol), B.Plain(method, wl, pu, pl)
+        for _ in range(3):
+            go, gp = ours.step(capture=True), plain.step(capture=True)
+            assert B._rel(go, gp) < 1e-10, (method, workload, B._rel(go, gp))
+        assert B._rel(list(ol.parameters()), list(pl.parameters())) < 1e-10
+    finally:
+        torch.set_default_dtype(torch.float32)
