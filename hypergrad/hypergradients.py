@@ -148,10 +148,15 @@ class _FixedPointSystem:
         """(I - J) u, by the double-VJP trick: J u = d/dd <J^T d, u>."""
         if self._jvp_graph is None or self.stochastic:
             dummy = [torch.zeros_like(p).requires_grad_(True) for p in self.params]
-            self._jvp_graph = (dummy, tl.grad_or_zeros(self.mapped(), self.params, grad_outputs=dummy,
-                                                       retain_graph=True, create_graph=True))
+            pairs = [(m, d) for m, d in zip(self.mapped(), dummy) if m.requires_grad]
+            self._jvp_graph = (dummy, tl.grad_or_zeros([m for m, _ in pairs], self.params,
+                                                       grad_outputs=[d for _, d in pairs], retain_graph=True,
+                                                       create_graph=True))
         dummy, jtd = self._jvp_graph
-        ju = tl.grad_or_zeros(jtd, dummy, grad_outputs=self.layout.unpack(u), retain_graph=True,
+        pairs = [(j, c) for j, c in zip(jtd, self.layout.unpack(u)) if j.requires_grad]  # J^T d = 0: no graph
+        if not pairs:
+            return list(u)
+        ju = tl.grad_or_zeros([j for j, _ in pairs], dummy, grad_outputs=[c for _, c in pairs], retain_graph=True,
                               create_graph=self.create_graph)
         return tl.sub(u, self.layout.pack(ju))
 

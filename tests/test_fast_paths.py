@@ -197,3 +197,31 @@ def test_the_plain_autograd_floor_computes_what_ours_computes(method, workload):
         assert B._rel(list(ol.parameters()), list(pl.parameters())) < 1e-10
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+@pytest.mark.parametrize("solver", ["cg", "minres", "gmres", "dense", "cg_normaleq", "fixed_point", "neumann"])
+def test_a_param_the_map_leaves_constant(solver):
+    """A params tensor that fp_map returns as a constant (no graph) and an empty tensor it uses: the constant
+    component contributes nothing (its adjoint is its dE/dw), for every solver (cg_normaleq used to crash)."""
+    g = torch.Generator().manual_seed(3)
+    n = 6
+    M = torch.randn(n, n, generator=g, dtype=DT)
+    A = M @ M.T / n + torch.eye(n, dtype=DT)
+    c = torch.randn(n, generator=g, dtype=DT)
+    lam = torch.tensor(0.3, dtype=DT, requires_grad=True)
+    H = A + lam.detach().exp() * torch.eye(n, dtype=DT)
+    w = torch.linalg.solve(H, c)
+    frozen, empty = torch.randn(3, generator=g, dtype=DT), torch.zeros(0, dtype=DT)
+
+    def fp_map(ws, hs):
+        y, k, e = ws
+        grad = A @ y - c + hs[0].exp() * y + e.sum()
+        return [y - 0.3 * grad, k.detach() * 1.0, e * 0.5]
+
+    def outer(ws, hs):
+        return 0.5 * (ws[0] ** 2).sum() + (ws[1] ** 2).sum()
+
+    ref = -lam.detach().exp() * w @ torch.linalg.solve(H, w)  # dE/dlam = -(H^-1 w)^T (e^lam w)
+    r = hg.hypergradient([w, frozen, empty], [lam], fp_map, outer, solver=solver, K=500, set_grad=False)
+    assert abs(float(r.grads[0]) - float(ref)) <= 1e-8 * abs(float(ref)), (solver, float(r.grads[0]), float(ref))
+    assert torch.allclose(r.v[1], 2 * frozen)  # (I - 0)^T v = dE/dk
