@@ -228,7 +228,8 @@ def bvfim_hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], inn
                     accept = change < -tol or bool(sq_norm(cand_g) < y_norm ** 2)
             if accept:
                 y, psi, noise, g, s_cur, parts = cand, cand_psi, cand_noise, cand_g, cand_s, cand_parts
-                eta, grow = trial, k == 0
+                if slope_v < 0:  # a non-descent step's fraction says nothing of the descent steps' scale
+                    eta, grow = trial, k == 0
                 break
             backtracks += 1
             trial *= _shrink(change, tol if change is not None else 0.0, trial, slope_v, s_cur, cand_s)
