@@ -65,16 +65,15 @@ class _Layout:
 
     def __init__(self, params: Sequence[Tensor], flat: bool):
         self.shapes, self.flat = [p.shape for p in params], flat and len(params) > 1
-        self.sizes = [p.numel() for p in params]
         self.params = tl.detached_leaves(params)
 
     def pack(self, xs: Sequence[Tensor]) -> List[Tensor]:
         """Tensors shaped like ``params`` in the solvers' layout."""
-        return [torch.cat([x.reshape(-1) for x in xs])] if self.flat else list(xs)
+        return tl.pack(xs) if self.flat else list(xs)
 
     def unpack(self, xs: Sequence[Tensor]) -> List[Tensor]:
         """The solvers' layout back to tensors shaped like ``params`` (views)."""
-        return [v.view(s) for v, s in zip(xs[0].split(self.sizes), self.shapes)] if self.flat else list(xs)
+        return tl.unpack(xs, self.shapes) if self.flat else list(xs)
 
 
 class _FixedPointSystem:

@@ -19,6 +19,7 @@ a singular operator, and fixed-point/Neumann iterations that do not contract.
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import warnings
@@ -880,7 +881,31 @@ def solve_cg_normaleq(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: Op
     return x, SolveInfo("cg_normaleq", 2 * info.iterations + 1, info.residual, converged)
 
 
-SOLVERS: Dict[str, Callable] = {
+def one_vector(solve: Callable) -> Callable:
+    """``solve`` iterating on one flat vector when a single system has several tensors of one dtype and
+    device (:func:`hypergrad.tensor_list.pack`): an iteration then costs O(1) tensor operations whatever
+    the number of tensors; ``matvec`` (and ``rmatvec``) still see and return the tensors themselves, and
+    the solution comes back shaped like ``b``. Batches and single tensors are passed through."""
+
+    @functools.wraps(solve)
+    def run(matvec: MatVec, b, x0=None, **options):
+        b = list(b)
+        if options.get("batched") or len(b) < 2 or len({(t.dtype, t.device) for t in b}) != 1:
+            return solve(matvec, b, x0, **options)
+        shapes = [t.shape for t in b]
+        flat = lambda f: (lambda u: tl.pack(f(tl.unpack(u, shapes))))
+        if x0 is not None:
+            x0 = tl.pack(tl.check_like(x0, b, "v0 (warm start)", "the adjoint"))
+        if options.get("rmatvec") is not None:
+            options["rmatvec"] = flat(options["rmatvec"])
+        x, info = solve(flat(matvec), tl.pack(b), x0, **options)
+        return tl.unpack(x, shapes), info
+
+    return run
+
+
+#: every solver by name, each on one flat vector for a single system of several tensors (:func:`one_vector`)
+SOLVERS: Dict[str, Callable] = {name: one_vector(fn) for name, fn in {
     "fixed_point": solve_fixed_point,
     "neumann": solve_neumann,
     "cg": solve_cg,
@@ -888,4 +913,4 @@ SOLVERS: Dict[str, Callable] = {
     "minres": solve_minres,
     "gmres": solve_gmres,
     "dense": solve_dense,
-}
+}.items()}

@@ -77,6 +77,16 @@ def unflatten(vec: Tensor, like: Sequence[Tensor]) -> TensorList:
     return out
 
 
+def pack(xs: Sequence[Tensor]) -> TensorList:
+    """Several tensors as a list holding one flat vector (the layout in which a solver iterates on one tensor)."""
+    return [torch.cat([x.reshape(-1) for x in xs])]
+
+
+def unpack(xs: Sequence[Tensor], shapes: Sequence[torch.Size]) -> TensorList:
+    """The inverse of :func:`pack`: views of the one flat vector ``xs[0]``, shaped like ``shapes``."""
+    return [v.view(s) for v, s in zip(xs[0].split([math.prod(s) for s in shapes]), shapes)]
+
+
 def grad_or_zeros(outputs, inputs: Sequence[Tensor], grad_outputs=None, retain_graph: bool = True,
                   create_graph: bool = False) -> TensorList:
     """torch.autograd.grad with zeros for inputs the outputs do not depend on."""
