@@ -882,24 +882,30 @@ def solve_cg_normaleq(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: Op
 
 
 def one_vector(solve: Callable) -> Callable:
-    """``solve`` iterating on one flat vector when a single system has several tensors of one dtype and
-    device (:func:`hypergrad.tensor_list.pack`): an iteration then costs O(1) tensor operations whatever
-    the number of tensors; ``matvec`` (and ``rmatvec``) still see and return the tensors themselves, and
-    the solution comes back shaped like ``b``. Batches and single tensors are passed through."""
+    """``solve`` iterating on one flat vector when a system has several tensors of one dtype and device
+    (:func:`hypergrad.tensor_list.pack`; a batch, ``batched=True``, on one [B, N] tensor): an iteration then
+    costs O(1) tensor operations whatever the number of tensors; ``matvec`` (and ``rmatvec``) still see and
+    return the tensors themselves, and the solution comes back shaped like ``b``."""
 
     @functools.wraps(solve)
     def run(matvec: MatVec, b, x0=None, **options):
         b = list(b)
-        if options.get("batched") or len(b) < 2 or len({(t.dtype, t.device) for t in b}) != 1:
+        rows = bool(options.get("batched"))  # a batch: every tensor [B, ...] packs to one [B, N]
+        if len(b) < 2 or len({(t.dtype, t.device) for t in b}) != 1 or (
+                rows and (any(t.dim() == 0 for t in b) or len({t.shape[0] for t in b}) != 1)):  # the solver says why
             return solve(matvec, b, x0, **options)
-        shapes = [t.shape for t in b]
-        flat = lambda f: (lambda u: tl.pack(f(tl.unpack(u, shapes))))
+        shapes = [t.shape[1:] if rows else t.shape for t in b]
+        pack = (lambda xs: [torch.cat([x.reshape(x.shape[0], -1) for x in xs], 1)]) if rows else tl.pack
+        unpack = ((lambda xs: [v.reshape(v.shape[0], *s) for v, s in
+                               zip(xs[0].split([math.prod(s) for s in shapes], 1), shapes)])
+                  if rows else (lambda xs: tl.unpack(xs, shapes)))
+        flat = lambda f: (lambda u: pack(f(unpack(u))))
         if x0 is not None:
-            x0 = tl.pack(tl.check_like(x0, b, "v0 (warm start)", "the adjoint"))
+            x0 = pack(tl.check_like(x0, b, "v0 (warm start)", "the adjoint"))
         if options.get("rmatvec") is not None:
             options["rmatvec"] = flat(options["rmatvec"])
-        x, info = solve(flat(matvec), tl.pack(b), x0, **options)
-        return tl.unpack(x, shapes), info
+        x, info = solve(flat(matvec), pack(b), x0, **options)
+        return unpack(x), info
 
     return run
 

@@ -247,3 +247,40 @@ def test_the_implicit_layer_solves_many_tensors_as_one_vector(solver, monkeypatc
     (g,) = torch.autograd.grad(outer(w, [lam]), lam)
     assert got and all(n == 1 for n in got)
     assert torch.allclose(g, ref, rtol=1e-8, atol=1e-11), (g - ref).abs().max()
+
+
+@pytest.mark.parametrize("solver", ["cg", "fixed_point", "neumann"])
+def test_a_batch_of_many_tensor_systems_is_solved_on_one_matrix(solver, monkeypatch):
+    """batched=True with several tensors: the raw solver gets one [B, N] tensor; every row matches its dense
+    solve; a mismatched batch still gets the solver's own error."""
+    import hypergrad.linear_solvers as LS
+    from hypergrad.batched import BATCHED_SOLVERS
+    g = torch.Generator().manual_seed(4)
+    B, shapes = 3, [(2, 3), (4,), (1, 2)]
+    n = sum(math.prod(s) for s in shapes)
+    Q = torch.linalg.qr(torch.randn(B, n, n, generator=g, dtype=DT))[0]
+    A = Q @ torch.diag_embed(torch.linspace(0.2, 0.9, n, dtype=DT).expand(B, n)) @ Q.transpose(1, 2)
+    b = [torch.randn(B, *s, generator=g, dtype=DT) for s in shapes]
+
+    def matvec(u):
+        flat = torch.cat([t.reshape(B, -1) for t in u], 1)
+        out = (A @ flat[..., None])[..., 0]
+        return [v.reshape(B, *s) for v, s in zip(out.split([math.prod(s) for s in shapes], 1), shapes)]
+
+    got = []
+    raw = {"cg": LS.solve_cg, "fixed_point": LS.solve_fixed_point, "neumann": LS.solve_neumann}[solver]
+
+    def spy(mv, rhs, x0=None, **kw):
+        got.append([tuple(t.shape) for t in rhs])
+        return raw(mv, rhs, x0, **kw)
+
+    monkeypatch.setitem(LS.SOLVERS, solver, LS.one_vector(spy))
+    # every solver solves A x = b (fixed point / Neumann: x <- x + (b - A x), a contraction as ||I - A|| < 1)
+    x, info = LS.SOLVERS[solver](matvec, b, None, maxiter=2000, batched=True)
+    assert got == [[(B, n)]]
+    ref = torch.linalg.solve(A, torch.cat([t.reshape(B, -1) for t in b], 1))
+    assert [tuple(t.shape) for t in x] == [(B, *s) for s in shapes]
+    assert torch.allclose(torch.cat([t.reshape(B, -1) for t in x], 1), ref, rtol=1e-8, atol=1e-9)
+    assert bool(info.converged.all()) and info.iterations.shape == (B,)
+    with pytest.raises(ValueError, match="leading dimension B"):
+        BATCHED_SOLVERS[solver](matvec, [b[0], b[1][:2]], maxiter=5)
