@@ -57,32 +57,13 @@ class HypergradResult:
     outer_loss: Optional[Tensor] = None  #: E(w, lambda) at the given params (detached; None when not evaluated)
 
 
-class _Layout:
-    """The solvers' view of ``params``: several tensors (one dtype and device, checked) are one flat vector
-    to the solvers, so an iteration of a solver costs O(1) tensor operations whatever the number of
-    tensors; the maps and autograd see the tensors themselves (``params``: detached leaves), and each
-    product converts at the boundary (one split, one cat). One tensor is used as it is."""
-
-    def __init__(self, params: Sequence[Tensor], flat: bool):
-        self.shapes, self.flat = [p.shape for p in params], flat and len(params) > 1
-        self.params = tl.detached_leaves(params)
-
-    def pack(self, xs: Sequence[Tensor]) -> List[Tensor]:
-        """Tensors shaped like ``params`` in the solvers' layout."""
-        return tl.pack(xs) if self.flat else list(xs)
-
-    def unpack(self, xs: Sequence[Tensor]) -> List[Tensor]:
-        """The solvers' layout back to tensors shaped like ``params`` (views)."""
-        return tl.unpack(xs, self.shapes) if self.flat else list(xs)
-
-
 class _FixedPointSystem:
-    """The adjoint system (I - J^T) v = dE/dw with J = dPhi/dw at the given (w, lambda); vectors ``u`` are
-    in the solvers' layout (:class:`_Layout`)."""
+    """The adjoint system (I - J^T) v = dE/dw with J = dPhi/dw at the given (w, lambda). Several params tensors
+    reach a solver as one flat vector through the solvers' own :func:`~hypergrad.linear_solvers.one_vector`."""
 
-    def __init__(self, layout: _Layout, hparams, fp_map: FpMap, stochastic: bool, create_graph: bool,
+    def __init__(self, params, hparams, fp_map: FpMap, stochastic: bool, create_graph: bool,
                  operator: Optional[Tensor] = None):
-        self.layout, self.params, self.hparams = layout, layout.params, hparams
+        self.params, self.hparams = params, hparams
         self.fp_map, self.stochastic, self.create_graph = fp_map, stochastic, create_graph
         self._mapped = None if stochastic else self.map()
         self._jvp_graph = None
@@ -117,14 +98,14 @@ class _FixedPointSystem:
         return a, r
 
     def vjp(self, u, wrt) -> List[Tensor]:
-        """(dPhi/d wrt)^T u, ``u`` in the solvers' layout (outputs without a graph contribute zero)."""
-        pairs = [(m, c) for m, c in zip(self.mapped(), self.layout.unpack(u)) if m.requires_grad]
+        """(dPhi/d wrt)^T u (outputs without a graph, constant components of Phi, contribute zero)."""
+        pairs = [(m, c) for m, c in zip(self.mapped(), u) if m.requires_grad]
         return tl.grad_or_zeros([m for m, _ in pairs], wrt, grad_outputs=[c for _, c in pairs], retain_graph=True,
                                 create_graph=self.create_graph)
 
     def matvec(self, u) -> List[Tensor]:
         """(I - J^T) u."""
-        return tl.sub(u, self.layout.pack(self.vjp(u, self.params)))
+        return list(torch._foreach_sub(list(u), self.vjp(u, self.params)))  # one kernel for all tensors
 
     def matmat(self) -> Optional[Tensor]:
         """The dense operator (I - J^T) as an n x n matrix, by one batched VJP; None if unsupported."""
@@ -152,24 +133,23 @@ class _FixedPointSystem:
                                                        grad_outputs=[d for _, d in pairs], retain_graph=True,
                                                        create_graph=True))
         dummy, jtd = self._jvp_graph
-        pairs = [(j, c) for j, c in zip(jtd, self.layout.unpack(u)) if j.requires_grad]  # J^T d = 0: no graph
+        pairs = [(j, c) for j, c in zip(jtd, u) if j.requires_grad]  # J^T d = 0: no graph
         if not pairs:
             return list(u)
         ju = tl.grad_or_zeros([j for j, _ in pairs], dummy, grad_outputs=[c for _, c in pairs], retain_graph=True,
                               create_graph=self.create_graph)
-        return tl.sub(u, self.layout.pack(ju))
+        return list(torch._foreach_sub(list(u), ju))
 
 
-def _prepare(params, hparams, outer_loss: OuterLoss, create_graph: bool, flat: bool = False):
-    """Validate inputs; the :class:`_Layout` of detached leaf copies of params (``flat``: one vector for the
-    solvers); outer gradients dE/dw (in that layout), dE/dlambda; the outer loss."""
+def _prepare(params, hparams, outer_loss: OuterLoss, create_graph: bool):
+    """Validate inputs; detached leaf copies of params; outer gradients dE/dw, dE/dlambda; the outer loss."""
     params, hparams = tl.check_inputs(params, hparams)
-    layout = _Layout(params, flat)
-    loss = tl.scalar_loss(outer_loss, layout.params, hparams, "outer_loss(params, hparams)")
-    g = tl.grad_or_zeros(loss, layout.params + hparams, retain_graph=create_graph, create_graph=create_graph)
-    g_w, g_h = layout.pack(g[:len(params)]), g[len(params):]
+    params = tl.detached_leaves(params)
+    loss = tl.scalar_loss(outer_loss, params, hparams, "outer_loss(params, hparams)")
+    g = tl.grad_or_zeros(loss, params + hparams, retain_graph=create_graph, create_graph=create_graph)
+    g_w, g_h = g[:len(params)], g[len(params):]
     tl.assert_finite(g_w + g_h, "the gradient of outer_loss")
-    return layout, hparams, g_w, g_h, loss
+    return params, hparams, g_w, g_h, loss
 
 
 def hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], fp_map: FpMap, outer_loss: OuterLoss,
@@ -213,12 +193,10 @@ def hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], fp_map: F
         return _differentiable(params, hparams, fp_map, outer_loss, solver, K, tol, rtol, v0, set_grad, stochastic,
                                operator, fixed_point_tol, solver_options)
     with torch.enable_grad():
-        layout, hparams, g_w, g_h, loss = _prepare(params, hparams, outer_loss, create_graph, flat=True)
-        system = _FixedPointSystem(layout, hparams, fp_map, stochastic, create_graph, operator)
+        params, hparams, g_w, g_h, loss = _prepare(params, hparams, outer_loss, create_graph)
+        system = _FixedPointSystem(params, hparams, fp_map, stochastic, create_graph, operator)
         fp_abs, fp_rel = system.residual()
-        check_fixed_point(fp_abs, fp_rel, fixed_point_tol, g_w[0].dtype)
-        if v0 is not None:
-            v0 = layout.pack(tl.check_like(v0, layout.params, "v0 (warm start)", "the adjoint"))
+        check_fixed_point(fp_abs, fp_rel, fixed_point_tol, params[0].dtype)
         options = dict(maxiter=K, tol=tol, rtol=rtol, **solver_options)
         if solver == "cg" and stochastic:
             options.setdefault("check_symmetry", False)  # a different operator at every product
@@ -229,7 +207,6 @@ def hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], fp_map: F
         v, info = SOLVERS[solver](system.matvec, g_w, v0, **options)
         indirect = system.vjp(v, hparams)
         grads = [a + b for a, b in zip(g_h, indirect)]
-        v = layout.unpack(v)
     if not create_graph:
         grads = [g.detach() for g in grads]
         v = [t.detach() for t in v]
@@ -468,8 +445,7 @@ def stoch_AID(params, hparams, outer_loss, K, J_inner=1, J_outer=1, fp_map=None,
     if J_outer != 1 and not stoch_outer:
         raise ValueError("J_outer > 1 only makes sense with stoch_outer=True")
     with torch.enable_grad():
-        layout, hparams, g_w, g_h, _ = _prepare(params, hparams, outer_loss, False)
-        params = layout.params
+        params, hparams, g_w, g_h, _ = _prepare(params, hparams, outer_loss, False)
         for _ in range(J_outer - 1):
             _, _, gw1, gh1, _ = _prepare(params, hparams, outer_loss, False)
             g_w, g_h = tl.axpy(1.0, gw1, g_w), tl.axpy(1.0, gh1, g_h)
@@ -477,7 +453,7 @@ def stoch_AID(params, hparams, outer_loss, K, J_inner=1, J_outer=1, fp_map=None,
         if fp_map is None:  # Phi = -grad inner_loss: the system becomes H v = g (sign handled below)
             def fp_map(p, h):
                 return [-g for g in torch.autograd.grad(inner_loss(p, h), p, create_graph=True)]
-        system = _FixedPointSystem(layout, hparams, fp_map, stoch_inner, False)
+        system = _FixedPointSystem(params, hparams, fp_map, stoch_inner, False)
         v = [t.detach().clone() for t in (linsys_start if linsys_start is not None else g_w)]
         if optim_build is None:
             optim, scheduler = torch.optim.SGD(v, lr=1.0), None

@@ -895,17 +895,13 @@ def one_vector(solve: Callable) -> Callable:
                 rows and (any(t.dim() == 0 for t in b) or len({t.shape[0] for t in b}) != 1)):  # the solver says why
             return solve(matvec, b, x0, **options)
         shapes = [t.shape[1:] if rows else t.shape for t in b]
-        pack = (lambda xs: [torch.cat([x.reshape(x.shape[0], -1) for x in xs], 1)]) if rows else tl.pack
-        unpack = ((lambda xs: [v.reshape(v.shape[0], *s) for v, s in
-                               zip(xs[0].split([math.prod(s) for s in shapes], 1), shapes)])
-                  if rows else (lambda xs: tl.unpack(xs, shapes)))
-        flat = lambda f: (lambda u: pack(f(unpack(u))))
+        flat = lambda f: (lambda u: tl.pack(f(tl.unpack(u, shapes, rows)), rows))
         if x0 is not None:
-            x0 = pack(tl.check_like(x0, b, "v0 (warm start)", "the adjoint"))
+            x0 = tl.pack(tl.check_like(x0, b, "v0 (warm start)", "the adjoint"), rows)
         if options.get("rmatvec") is not None:
             options["rmatvec"] = flat(options["rmatvec"])
-        x, info = solve(flat(matvec), pack(b), x0, **options)
-        return unpack(x), info
+        x, info = solve(flat(matvec), tl.pack(b, rows), x0, **options)
+        return tl.unpack(x, shapes, rows), info
 
     return run
 

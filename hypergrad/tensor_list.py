@@ -77,14 +77,17 @@ def unflatten(vec: Tensor, like: Sequence[Tensor]) -> TensorList:
     return out
 
 
-def pack(xs: Sequence[Tensor]) -> TensorList:
-    """Several tensors as a list holding one flat vector (the layout in which a solver iterates on one tensor)."""
-    return [torch.cat([x.reshape(-1) for x in xs])]
+def pack(xs: Sequence[Tensor], rows: bool = False) -> TensorList:
+    """Several tensors as a list holding one flat vector (the layout in which a solver iterates on one tensor);
+    ``rows``: tensors [B, ...] as one [B, N] (a batch of systems)."""
+    return [torch.cat([x.reshape(x.shape[0], -1) for x in xs], 1)] if rows else [flatten(xs)]
 
 
-def unpack(xs: Sequence[Tensor], shapes: Sequence[torch.Size]) -> TensorList:
-    """The inverse of :func:`pack`: views of the one flat vector ``xs[0]``, shaped like ``shapes``."""
-    return [v.view(s) for v, s in zip(xs[0].split([math.prod(s) for s in shapes]), shapes)]
+def unpack(xs: Sequence[Tensor], shapes: Sequence[torch.Size], rows: bool = False) -> TensorList:
+    """The inverse of :func:`pack`: views of the one tensor ``xs[0]`` shaped like ``shapes`` (after the
+    leading B with ``rows``)."""
+    parts = xs[0].split([math.prod(s) for s in shapes], 1 if rows else 0)
+    return [v.reshape(v.shape[0], *s) if rows else v.view(s) for v, s in zip(parts, shapes)]
 
 
 def grad_or_zeros(outputs, inputs: Sequence[Tensor], grad_outputs=None, retain_graph: bool = True,

@@ -46,12 +46,11 @@ class ModuleView:
         self.__dict__["_module"] = module
         self.__dict__["_params"] = dict(zip(names, tensors))
         self.__dict__["_slots"] = parameter_slots(module, names) if slots is None else slots
-        self.__dict__["_tensors"] = list(tensors)
 
     def __call__(self, *args, **kwargs):
         saved = []
         try:
-            for holders, t in zip(self._slots, self._tensors):
+            for holders, t in zip(self._slots, self._params.values()):
                 for params, attr in holders:
                     saved.append((params, attr, params[attr]))
                     params[attr] = t
