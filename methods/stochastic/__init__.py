@@ -11,6 +11,8 @@ changing the class.
 """
 from .base import StochasticResult, StochasticSolver
 from .oracle import Batch, FiniteSum
+from .full_batch import FullBatchImplicit, FullBatchRAD
 from .soba import SOBA
 
-__all__ = ["Batch", "FiniteSum", "StochasticResult", "StochasticSolver", "SOBA"]
+__all__ = ["Batch", "FiniteSum", "StochasticResult", "StochasticSolver", "SOBA",
+           "FullBatchImplicit", "FullBatchRAD"]

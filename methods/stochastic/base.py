@@ -12,8 +12,8 @@ and v stay where the last step left them (the warm starts). ``inner`` (f) and ``
 here (a minibatch gradient, a gradient with its Hessian- and cross-vector products at the same batch), which
 count the per-sample evaluations: ``oracle_calls`` is that count in minibatch units.
 
-Sign convention of v (the benchmark's): the methods that evolve v drive it to -v*, i.e. they solve
-grad2_yy f v = -grad_y F, and step x along grad_x F + grad2_xy f v.
+Sign convention of v: SOBA, SABA and SRBA (the framework of Dagreou et al.) drive v to -v*, i.e. solve
+grad2_yy f v = -grad_y F, and step x along grad_x F + grad2_xy f v; each module states its own.
 
 Safety (the core's rules): after every step one host read checks that the state is finite and has not
 grown beyond ``max_norm`` (default 1e8 x (1 + its starting size)); either raises naming the step sizes.
