@@ -206,3 +206,13 @@ def test_run_records_the_callback_and_stops_when_it_returns_false():
     assert [h["step"] for h in res.history] == [0, 10, 20, 30] and res.steps == 30
     assert [h["oracle_calls"] for h in res.history] == [0, 30, 60, 90]
     assert res.history[-1]["value"] is False and res.time > 0
+
+
+def test_run_stops_at_max_time_and_skips_none_records():
+    pb = small_problem()
+    s = SOBA(*oracles(pb), torch.zeros(8, dtype=DT), torch.zeros(3, dtype=DT))
+    res = s.run(10 ** 7, max_time=0.2, callback=lambda s: s.t if s.t % 7 == 0 else None)
+    assert 0.2 <= res.time < 0.5 and res.steps < 10 ** 7 and s.time_spent == res.time
+    assert all(h["value"] % 7 == 0 for h in res.history) and len(res.history) >= 2
+    with pytest.raises(ValueError, match="max_time"):
+        s.run(5, max_time=0)

@@ -113,6 +113,7 @@ class StochasticSolver:
         self.max_norm = 1e8 * (1.0 + start) if max_norm is None else check_positive(max_norm, "max_norm")
         self.t = 0
         self.samples = {"inner": 0, "outer": 0}
+        self.time_spent = 0.0  # seconds in steps taken by run(), over all runs
 
     # -- the caller's view ---------------------------------------------------------------------------
     @property
@@ -209,12 +210,16 @@ class StochasticSolver:
         return self
 
     def run(self, n_steps: int, *, callback: Optional[Callable[["StochasticSolver"], Any]] = None,
-            eval_every: int = 1, progress: bool = False) -> StochasticResult:
-        """``n_steps`` steps; every ``eval_every`` steps (and at the start) ``callback(self)`` is called and
-        its value recorded in ``history`` with the step, the oracle calls and the time spent in steps
-        (callbacks excluded). A callback returning ``False`` stops the run."""
+            eval_every: int = 1, max_time: Optional[float] = None, progress: bool = False) -> StochasticResult:
+        """``n_steps`` steps (fewer once ``max_time`` seconds were spent in steps); every ``eval_every`` steps
+        (and at the start and the end) ``callback(self)`` is called and its value recorded in ``history`` with
+        the step, the oracle calls and the time spent in steps (callbacks excluded; ``self.time_spent`` is the
+        running total, so a callback can evaluate on a time grid). A callback returning ``False`` stops the
+        run; one returning ``None`` is not recorded."""
         check_count(n_steps, "n_steps", 0)
         check_count(eval_every, "eval_every")
+        if max_time is not None:
+            check_positive(max_time, "max_time")
         history: List[Dict[str, Any]] = []
         spent, stop = 0.0, False
 
@@ -222,7 +227,8 @@ class StochasticSolver:
             if callback is None:
                 return False
             out = callback(self)
-            history.append({"step": self.t, "oracle_calls": self.oracle_calls, "time": spent, "value": out})
+            if out is not None:
+                history.append({"step": self.t, "oracle_calls": self.oracle_calls, "time": spent, "value": out})
             return out is False
 
         stop = record()
@@ -235,9 +241,14 @@ class StochasticSolver:
                 break
             t0 = time.perf_counter()
             self.step()
-            spent += time.perf_counter() - t0
-            if (k + 1) % eval_every == 0 or k + 1 == n_steps:
+            dt = time.perf_counter() - t0
+            spent += dt
+            self.time_spent += dt
+            out_of_time = max_time is not None and spent >= max_time
+            if (k + 1) % eval_every == 0 or k + 1 == n_steps or out_of_time:
                 stop = record()
+            if out_of_time:
+                break
         return StochasticResult([p.clone() for p in self.params], [h.clone() for h in self.hparams],
                                 self.t, self.oracle_calls, spent, history)
 
