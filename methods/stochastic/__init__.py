@@ -12,7 +12,9 @@ changing the class.
 from .base import StochasticResult, StochasticSolver
 from .oracle import Batch, FiniteSum
 from .full_batch import FullBatchImplicit, FullBatchRAD
+from .saba import SABA
 from .soba import SOBA
+from .srba import SRBA
 
-__all__ = ["Batch", "FiniteSum", "StochasticResult", "StochasticSolver", "SOBA",
+__all__ = ["Batch", "FiniteSum", "StochasticResult", "StochasticSolver", "SOBA", "SABA", "SRBA",
            "FullBatchImplicit", "FullBatchRAD"]

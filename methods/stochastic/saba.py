@@ -25,9 +25,9 @@ quantities are taken at the iterate before the update (the directions use the me
 ``"full"`` fills every block's row at the starting point (params, hparams, v = 0) when the solver is built,
 a full pass over both oracles counted in ``oracle_calls``; the first direction is then the full-batch one.
 SABA needs the oracle's blocks (a memory row per block): an oracle with a custom ``sampler`` raises.
-Memory: five [K, dim] tables (3 over the inner blocks, 2 over the outer ones); a step rebinds the tables it
-writes (a copy of K x dim, like the per-step safety check that also reads them) instead of writing a row in
-place.
+Memory: five [K, dim] tables (3 over the inner blocks, 2 over the outer ones), private to the solver: a step
+writes one row of each in place (O(dim)); the per-step safety check watches the running means, which every
+written row enters at once (a NaN in a row is a NaN in its mean).
 """
 from __future__ import annotations
 
@@ -88,9 +88,7 @@ class SABA(StochasticSolver):
         diff = value - table[block]
         direction = diff + self.memory_mean[name]
         self.memory_mean[name] = self.memory_mean[name] + diff / table.shape[0]
-        table = table.clone()          # rebind (never write a state tensor in place)
-        table[block] = value
-        self.memory[name] = table
+        table[block] = value           # the tables are private: one row written in place
         return direction
 
     def _step(self) -> None:
@@ -109,4 +107,4 @@ class SABA(StochasticSolver):
         self.x = self.x - gamma * d_x
 
     def _state(self) -> List[Tensor]:
-        return super()._state() + list(self.memory.values()) + list(self.memory_mean.values())
+        return super()._state() + list(self.memory_mean.values())
