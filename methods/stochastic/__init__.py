@@ -12,9 +12,14 @@ changing the class.
 from .base import StochasticResult, StochasticSolver
 from .oracle import Batch, FiniteSum
 from .full_batch import FullBatchImplicit, FullBatchRAD
+from .amigo import AmIGO
+from .bome import BOME
+from .f2sa import F2SA
 from .saba import SABA
+from .stocbio import StocBiO
 from .soba import SOBA
 from .srba import SRBA
 
-__all__ = ["Batch", "FiniteSum", "StochasticResult", "StochasticSolver", "SOBA", "SABA", "SRBA",
+__all__ = ["Batch", "FiniteSum", "StochasticResult", "StochasticSolver", "SOBA", "SABA", "SRBA", "AmIGO", "StocBiO",
+           "F2SA", "BOME",
            "FullBatchImplicit", "FullBatchRAD"]
