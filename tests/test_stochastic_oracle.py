@@ -216,3 +216,20 @@ def test_run_stops_at_max_time_and_skips_none_records():
     assert all(h["value"] % 7 == 0 for h in res.history) and len(res.history) >= 2
     with pytest.raises(ValueError, match="max_time"):
         s.run(5, max_time=0)
+
+
+def test_losses_independent_of_a_variable_have_zero_derivatives_there():
+    """A validation loss of y only (no x), an inner loss linear in y: zeros, not an autograd error."""
+    from methods.stochastic import F2SA
+    n = 32
+    inner = FiniteSum(lambda p, h, i: (p[0] * h[0]).sum() * i.numel() / i.numel(), n, 8)   # linear in y
+    outer = FiniteSum(lambda p, h, i: (p[0] ** 2).sum(), n, 8)                             # no x
+    s = SOBA(inner, outer, torch.ones(3, dtype=DT), torch.ones(3, dtype=DT))
+    y, v, x = s.y.clone(), s.v.clone(), s.x.clone()
+    s.step()
+    gy, hv, jv = s.grad_and_products(y, x, torch.ones(3, dtype=DT), inner.full())
+    assert torch.equal(hv, torch.zeros(3, dtype=DT)) and torch.equal(gy, x)
+    assert torch.equal(jv, torch.ones(3, dtype=DT))         # d/dx <grad_y f, v> = v
+    (gx,) = s.grad(outer, y, x, outer.full(), "x")
+    assert torch.equal(gx, torch.zeros(3, dtype=DT))
+    F2SA(inner, outer, torch.ones(3, dtype=DT), torch.ones(3, dtype=DT)).run(2)

@@ -158,7 +158,8 @@ class StochasticSolver:
         with torch.enable_grad():
             loss = self._loss(oracle, yl, xl, batch)
             leaves = [t for t, k in ((yl, "y"), (xl, "x")) if k in wrt]
-            gs = torch.autograd.grad(loss, leaves, allow_unused=True)
+            gs = (torch.autograd.grad(loss, leaves, allow_unused=True) if loss.requires_grad
+                  else [None] * len(leaves))      # a loss that does not depend on the variables asked for
         self._count(oracle, batch)
         return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(gs, leaves))
 
@@ -168,8 +169,12 @@ class StochasticSolver:
         and two backward passes (``grad=False``: the gradient is not returned)."""
         yl, xl = y.detach().requires_grad_(), x.detach().requires_grad_()
         with torch.enable_grad():
-            g = torch.autograd.grad(self._loss(self.inner, yl, xl, batch), yl, create_graph=True)[0]
-            hv, jv = torch.autograd.grad(g, (yl, xl), v, allow_unused=True)
+            loss = self._loss(self.inner, yl, xl, batch)
+            g = (torch.autograd.grad(loss, yl, create_graph=True, allow_unused=True)[0] if loss.requires_grad
+                 else None)
+            g = torch.zeros_like(y) if g is None else g
+            hv, jv = (torch.autograd.grad(g, (yl, xl), v, allow_unused=True) if g.requires_grad
+                      else (None, None))           # f linear in y, or independent of it: zero products
         self._count(self.inner, batch, 2)
         hv = torch.zeros_like(y) if hv is None else hv
         jv = torch.zeros_like(x) if jv is None else jv
