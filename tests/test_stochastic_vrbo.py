@@ -85,12 +85,13 @@ def test_vrbo_period_and_first_iteration_refresh():
     pb = small_problem()
     f, F = pb.inner, pb.outer
     inner, outer = oracles(pb, 16)
-    assert VRBO(inner, outer, *zeros()).period == int(384 * 128 / 16) == 3072        # the benchmark's default
+    assert VRBO(inner, outer, *zeros(), period_frac=128).period == int(384 * 128 / 16) == 3072   # its solver file's
+    assert VRBO(inner, outer, *zeros()).period == 1                                    # our default, 0.01
     assert VRBO(inner, outer, *zeros(), period_frac=0.01).period == 1                  # its tuned setting: >= 1
     assert VRBO(*oracles(pb, 16, outer_batch_size=32), *zeros(), period_frac=0.125).period == 3   # inner batch
     g = torch.Generator().manual_seed(5)
     y0, x0 = torch.randn(8, generator=g, dtype=DT), torch.randn(3, generator=g, dtype=DT)
-    s = VRBO(inner, outer, y0, x0, step_size=0.3, n_inner_steps=1, n_shia_steps=0)
+    s = VRBO(inner, outer, y0, x0, step_size=0.3, n_inner_steps=1, n_shia_steps=0, period_frac=128)
     assert torch.equal(s.y_old, y0)
     s.step()
     fi, fo = inner.full(), outer.full()
@@ -111,7 +112,7 @@ def test_vrbo_corrections_track_y_at_the_current_x_so_the_directions_keep_the_re
     fi, fo = inner.full(), outer.full()
     g = torch.Generator().manual_seed(6)
     y0, x0 = torch.randn(8, generator=g, dtype=DT), torch.randn(3, generator=g, dtype=DT)
-    s = VRBO(inner, outer, y0, x0, step_size=0.3, n_inner_steps=3, n_shia_steps=4)    # period 192: one refresh
+    s = VRBO(inner, outer, y0, x0, step_size=0.3, n_inner_steps=3, n_shia_steps=4, period_frac=128)  # one refresh
 
     def p(y, x):
         return grad_x(F, y, x, fo) - cross(f, neumann(grad_y(F, y, x, fo), [lambda v: hvp(f, v, fi)] * 4, 0.3), fi)

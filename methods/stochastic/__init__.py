@@ -15,11 +15,13 @@ from .full_batch import FullBatchImplicit, FullBatchRAD
 from .amigo import AmIGO
 from .bome import BOME
 from .f2sa import F2SA
+from .mrbo import MRBO
 from .saba import SABA
 from .stocbio import StocBiO
 from .soba import SOBA
 from .srba import SRBA
+from .vrbo import VRBO
 
 __all__ = ["Batch", "FiniteSum", "StochasticResult", "StochasticSolver", "SOBA", "SABA", "SRBA", "AmIGO", "StocBiO",
-           "F2SA", "BOME",
+           "MRBO", "VRBO", "F2SA", "BOME",
            "FullBatchImplicit", "FullBatchRAD"]
