@@ -84,3 +84,25 @@ def x_star(pb):
 
 def sq_grad_norm(pb, x):
     return float(grad_h(pb, x).square().sum())
+
+
+# -- shared test helpers ----------------------------------------------------------------------------
+def zeros():
+    """y0 = 0 (dim 8) and x0 = 0 (dim 3), the small problem's shapes."""
+    return torch.zeros(8, dtype=DT), torch.zeros(3, dtype=DT)
+
+
+def neumann(b, hvps, eta):
+    """eta sum_{k<=K} prod_{j<=k} (I - eta H_j) b, H_j v = hvps[j](v)."""
+    r = s = b
+    for h in hvps:
+        r = r - eta * h(r)
+        s = s + r
+    return eta * s
+
+
+def reads(host_reads, f):
+    """Device-to-host reads made by f() (host_reads: the conftest fixture)."""
+    n0 = host_reads["n"]
+    f()
+    return host_reads["n"] - n0

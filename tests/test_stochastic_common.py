@@ -7,7 +7,7 @@ import torch
 
 import hypergrad
 from methods import stochastic as ms
-from stochastic_problems import DT, oracles, small_problem, sq_grad_norm
+from stochastic_problems import DT, small_problem, sq_grad_norm
 
 ALL = ["SOBA", "SABA", "SRBA", "AmIGO", "StocBiO", "MRBO", "VRBO", "F2SA", "BOME", "FullBatchImplicit",
        "FullBatchRAD"]

@@ -8,24 +8,14 @@ import torch
 
 from methods.stochastic import FiniteSum
 from methods.stochastic.mrbo import MRBO, joint_neumann
-from stochastic_problems import (DT, cross, grad_x, grad_y, hvp, oracles, small_problem, sq_grad_norm, x_star)
+from stochastic_problems import (DT, cross, grad_x, grad_y, hvp, oracles, small_problem, sq_grad_norm, x_star,
+                                 zeros, neumann)
 
-
-def zeros():
-    return torch.zeros(8, dtype=DT), torch.zeros(3, dtype=DT)
 
 
 def randn(g, *shape):
     return torch.randn(*shape, generator=g, dtype=DT)
 
-
-def neumann(b, hvps, eta):
-    """eta sum_{k<=K} prod_{j<=k} (I - eta H_j) b, H_j v = hvps[j](v)."""
-    r = s = b
-    for h in hvps:
-        r = r - eta * h(r)
-        s = s + r
-    return eta * s
 
 
 def dense_series(H, b, K, eta):

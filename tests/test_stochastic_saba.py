@@ -6,13 +6,11 @@ from torch.utils.data import BatchSampler, SequentialSampler
 
 from methods.stochastic import SOBA, FiniteSum
 from methods.stochastic.saba import SABA
-from stochastic_problems import (DT, cross, grad_x, grad_y, hvp, oracles, small_problem, sq_grad_norm, x_star)
+from stochastic_problems import (DT, cross, grad_x, grad_y, hvp, oracles, small_problem, sq_grad_norm, x_star,
+                                 zeros, reads)
 
 NAMES = ("inner_grad", "hvp", "cross_v", "grad_in_outer", "grad_out_outer")
 
-
-def zeros():
-    return torch.zeros(8, dtype=DT), torch.zeros(3, dtype=DT)
 
 
 def random_state(solver, seed=3, t=4):
@@ -202,11 +200,6 @@ def test_saba_too_large_steps_raise_divergence_naming_the_step_size():
     with pytest.raises(DivergenceError, match="reduce step_size=5.0"):
         s.run(500)
 
-
-def reads(host_reads, f):
-    n0 = host_reads["n"]
-    f()
-    return host_reads["n"] - n0
 
 
 def test_saba_step_reads_the_host_only_for_the_base_safety_check(host_reads):

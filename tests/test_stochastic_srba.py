@@ -6,11 +6,9 @@ from torch.utils.data import BatchSampler, SequentialSampler
 
 from methods.stochastic import FiniteSum
 from methods.stochastic.srba import SRBA
-from stochastic_problems import (DT, cross, grad_x, grad_y, hvp, oracles, small_problem, sq_grad_norm, x_star)
+from stochastic_problems import (DT, cross, grad_x, grad_y, hvp, oracles, small_problem, sq_grad_norm, x_star,
+                                 zeros, reads)
 
-
-def zeros():
-    return torch.zeros(8, dtype=DT), torch.zeros(3, dtype=DT)
 
 
 def make_oracles(pb, batch_size):
@@ -148,11 +146,6 @@ def test_srba_too_large_steps_raise_divergence_naming_the_step_size():
     with pytest.raises(DivergenceError, match="reduce step_size=5.0"):
         s.run(500)
 
-
-def reads(host_reads, f):
-    n0 = host_reads["n"]
-    f()
-    return host_reads["n"] - n0
 
 
 def test_srba_step_reads_the_host_only_for_the_base_safety_check(host_reads):

@@ -5,20 +5,10 @@ import pytest
 import torch
 
 from methods.stochastic.vrbo import VRBO
-from stochastic_problems import (DT, cross, grad_x, grad_y, hvp, oracles, small_problem, sq_grad_norm, x_star)
+from stochastic_problems import (DT, cross, grad_x, grad_y, hvp, oracles, small_problem, sq_grad_norm, x_star,
+                                 zeros, neumann)
 
 
-def zeros():
-    return torch.zeros(8, dtype=DT), torch.zeros(3, dtype=DT)
-
-
-def neumann(b, hvps, eta):
-    """eta sum_{k<=K} prod_{j<=k} (I - eta H_j) b, H_j v = hvps[j](v)."""
-    r = s = b
-    for h in hvps:
-        r = r - eta * h(r)
-        s = s + r
-    return eta * s
 
 
 def random_state(s, seed=3, t=10):

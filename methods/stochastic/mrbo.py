@@ -88,6 +88,21 @@ def check_momentum(value, name: str) -> float:
     return value
 
 
+
+def paired_estimates(solver: StochasticSolver, new, old, n_steps: int, eta: float):
+    """At the points ``new`` = (y, x) and ``old`` = (y0, x0), on the same batches (one inner batch B, then one
+    outer batch j, then the K Neumann batches): the inner gradient g = grad_y f_B and the hypergradient
+    estimate p = grad_x F_j - grad2_xy f_B w, w the joint Neumann approximation of H^-1 grad_y F_j at each
+    point. Returns (g, p, w) at ``new`` and (g0, p0) at ``old``."""
+    (y, x), (y0, x0) = new, old
+    bi, bo = solver.inner.sample(), solver.outer.sample()
+    gy, gx = solver.grad(solver.outer, y, x, bo, "yx")
+    gy0, gx0 = solver.grad(solver.outer, y0, x0, bo, "yx")
+    w, w0 = joint_neumann(solver, (new, old), (gy, gy0), n_steps, eta)
+    g, _, jw = solver.grad_and_products(y, x, w, bi)          # the gradient and cross product at batch B
+    g0, _, jw0 = solver.grad_and_products(y0, x0, w0, bi)
+    return g, gx - jw, w, g0, gx0 - jw0
+
 class MRBO(StochasticSolver):
     """MRBO; see the module docstring. Defaults (the benchmark's): step_size 0.1, outer_ratio 1,
     n_shia_steps 10 (Neumann terms beyond the first), eta 0.5 (momentum weight, in (0, 1]).
@@ -112,15 +127,10 @@ class MRBO(StochasticSolver):
     def _step(self) -> None:
         rho, gamma = self.lr(self.step_size, 1 / 3), self.lr(self.outer_step_size, 1 / 3)
         eta_n, eta = self.lr(self.step_size), self.lr(self.eta, 2 / 3)
-        y, x, y0, x0 = self.y, self.x, self.y_old, self.x_old
-        bi, bo = self.inner.sample(), self.outer.sample()
-        gy, gx = self.grad(self.outer, y, x, bo, "yx")
-        gy0, gx0 = self.grad(self.outer, y0, x0, bo, "yx")
-        w, w0 = joint_neumann(self, ((y, x), (y0, x0)), (gy, gy0), self.n_shia_steps, eta_n)
-        g, _, jw = self.grad_and_products(y, x, w, bi)          # the gradient and cross product at batch B
-        g0, _, jw0 = self.grad_and_products(y0, x0, w0, bi)
+        y, x = self.y, self.x
+        g, p, w, g0, p0 = paired_estimates(self, (y, x), (self.y_old, self.x_old), self.n_shia_steps, eta_n)
         self.d_y = g + (1 - eta) * (self.d_y - g0)
-        self.d_x = (gx - jw) + (1 - eta) * (self.d_x - (gx0 - jw0))
+        self.d_x = p + (1 - eta) * (self.d_x - p0)
         self.v = w
         self.y_old, self.x_old = y, x
         self.y = y - rho * self.d_y

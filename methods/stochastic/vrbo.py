@@ -55,7 +55,7 @@ from typing import List
 from torch import Tensor
 
 from .base import StochasticSolver, check_count, check_positive
-from .mrbo import joint_neumann
+from .mrbo import joint_neumann, paired_estimates
 
 
 class VRBO(StochasticSolver):
@@ -94,15 +94,10 @@ class VRBO(StochasticSolver):
 
     def _inner_step(self, rho: float, eta: float) -> None:
         """One recursive correction of (d_y, d_x) between y_old and y at the current x, then a step on y."""
-        y, y0, x = self.y, self.y_old, self.x
-        bi, bo = self.inner.sample(), self.outer.sample()
-        gy, gx = self.grad(self.outer, y, x, bo, "yx")
-        gy0, gx0 = self.grad(self.outer, y0, x, bo, "yx")
-        w, w0 = joint_neumann(self, ((y, x), (y0, x)), (gy, gy0), self.n_shia_steps, eta)
-        g, _, jw = self.grad_and_products(y, x, w, bi)           # the gradient and cross product at batch B
-        g0, _, jw0 = self.grad_and_products(y0, x, w0, bi)
+        y, x = self.y, self.x
+        g, p, w, g0, p0 = paired_estimates(self, (y, x), (self.y_old, x), self.n_shia_steps, eta)
         self.d_y = self.d_y + (g - g0)
-        self.d_x = self.d_x + ((gx - jw) - (gx0 - jw0))
+        self.d_x = self.d_x + (p - p0)
         self.v = w
         self.y_old = y
         self.y = y - rho * self.d_y
