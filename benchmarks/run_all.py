@@ -37,6 +37,9 @@ BENCHMARKS = {
     "vs_boat": ("bench_vs_boat.py", "methods/ against BOAT 1.1.1 (installed into its own venv) and against the same "
                 "mathematics in plain autograd: time per upper iteration, hyper-cleaning and dense quadratics, "
                 "float64 result checks", False),
+    "stochastic": ("bench_stochastic.py", "stochastic bilevel solvers (SOBA, SABA, SRBA, AmIGO, StocBiO, MRBO, VRBO, F2SA, "
+                   "BOME) and full-batch Implicit CG / RAD on benchmark_bilevel's quadratic: ||grad h||^2 against time and "
+                   "oracle calls, 10 seeds", False),
     "layer": ("bench_layer.py", "implicit layer (custom_root) against torchopt 0.7.3: backward time at equal "
               "accuracy, second derivatives, vmap, 0-d solutions", False),
 }

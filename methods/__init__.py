@@ -11,6 +11,10 @@ gradients and diagnostics; the classes are thin ``objective(state)`` / ``nn.Modu
         ul_opt.zero_grad()
         loss = solver.compute_gradients(xv, yv, x_batch, y_batch)   # adds to ul_model's .grad
         ul_opt.step()
+
+``methods.stochastic``: the minibatch solvers (SOBA, SABA, SRBA, AmIGO, StocBiO, MRBO, VRBO, F2SA, BOME) and
+their deterministic counterparts (FullBatchImplicit, FullBatchRAD) over a :class:`~methods.stochastic.FiniteSum`
+oracle.
 """
 from ._lower import SGDRule
 from .base import BilevelSolver, ModuleView, Result
@@ -18,8 +22,9 @@ from . import bvfim, dynamic, implicit  # the modules (the functions are named *
 from .bvfim import BVFIM, BVFIMResult, SlackResolutionError, bvfim_hypergradient
 from .dynamic import Dynamic, DynamicResult, dynamic_hypergradient
 from .implicit import Implicit, ImplicitResult, implicit_hypergradient
+from . import stochastic  # noqa: E402  (after the modules it builds on)
 
 __all__ = ["BilevelSolver", "ModuleView", "Result", "SGDRule",
            "Implicit", "ImplicitResult", "implicit_hypergradient",
            "Dynamic", "DynamicResult", "dynamic_hypergradient",
-           "BVFIM", "BVFIMResult", "bvfim_hypergradient", "SlackResolutionError"]
+           "BVFIM", "BVFIMResult", "bvfim_hypergradient", "SlackResolutionError", "stochastic"]

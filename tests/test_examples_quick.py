@@ -13,7 +13,8 @@ SCRIPTS = ["examples/hyper_cleaning.py", "examples/logistic_regression_hpo.py", 
            "benchmarks/bench_methods.py", "benchmarks/bench_batched.py",
            "benchmarks/bench_solvers.py", "benchmarks/run_all.py",
            "benchmarks/bench_distributed.py", "benchmarks/bench_memory.py",
-           "examples/deq_digits.py", "benchmarks/bench_layer.py"]
+           "examples/deq_digits.py", "benchmarks/bench_layer.py",
+           "examples/stochastic_logreg.py", "benchmarks/bench_stochastic.py"]
 
 
 def _load(rel):
