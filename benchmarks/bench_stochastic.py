@@ -91,9 +91,12 @@ def run_one(pb, metric, cls, kwargs, seed: int, batch: int, budget: float, point
 
 
 def at(xs, ys, grid):
-    """The last recorded y at or before each grid point (NaN before the first)."""
+    """The last recorded y at or before each grid point (NaN before the first and after the run's end)."""
     out, j = [], 0
     for g in grid:
+        if g > xs[-1] * (1 + 1e-9):
+            out.append(math.nan)
+            continue
         while j + 1 < len(xs) and xs[j + 1] <= g:
             j += 1
         out.append(ys[j] if xs[j] <= g else math.nan)
@@ -104,6 +107,9 @@ def quantiles(rows):
     qs = []
     for col in zip(*rows):
         v = sorted(c for c in col if not math.isnan(c))
+        if 2 * len(v) < len(col):            # fewer than half the runs got there: no median
+            qs.append((math.nan,) * 3)
+            continue
         if not v:
             qs.append((math.nan,) * 3)
             continue
@@ -122,10 +128,17 @@ def main(argv=None):
     ap.add_argument("--only", nargs="+", default=None, help="a subset of the methods")
     ap.add_argument("--quick", action="store_true", help="n_inner 4096, 2 seeds, 1 s per run")
     ap.add_argument("--out", default="results")
+    ap.add_argument("--from-json", default=None, help="redo the tables and plot from a previous run's JSON")
     args = ap.parse_args(argv)
     if args.quick:
         args.n_inner, args.seeds, args.budget = 4096, 2, 1.0
     torch.set_num_threads(1)
+    if args.from_json:
+        with open(args.from_json) as fh:
+            saved = json.load(fh)
+        for k in ("n_inner", "n_outer", "seeds", "budget", "batch"):
+            setattr(args, k, saved["args"][k])
+        return report(saved["runs"], args)
     from tqdm.auto import tqdm
 
     pb = make_quadratic_bilevel(args.n_inner, args.n_outer, 100, 10, mu=0.1, L_cross_inner=0.1,
@@ -140,11 +153,15 @@ def main(argv=None):
                 runs.setdefault(name, []).append(run_one(pb, metric, solver_class(module, cls), kw, seed,
                                                          args.batch, args.budget))
                 bar.update()
+    return report(runs, args)
 
+
+def report(runs, args):
+    """Tables, JSON/CSV and the plot from the runs."""
     t_grid = [args.budget * 10 ** (-3 + 3 * k / 59) for k in range(60)]
     max_calls = max(r["calls"][-1] for rs in runs.values() for r in rs)
     c_grid = [max_calls * 10 ** (-4 + 4 * k / 59) for k in range(60)]
-    start = metric(-2 * torch.ones(10, dtype=torch.float64))
+    start = next(iter(runs.values()))[0]["value"][0]
     summary = {}
     for name, rs in runs.items():
         qt = quantiles([at(r["time"], r["value"], t_grid) for r in rs])
@@ -195,9 +212,11 @@ def plot(summary, t_grid, c_grid, start, args, order):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
+    for ax in axes:
+        ax.set_prop_cycle(color=plt.cm.tab20.colors[::2] + plt.cm.tab20.colors[1::2])
     for n in order:
         s = summary[n]
-        style = "--" if "full batch" in n else "-"
+        style = "--" if "full batch" in n else ":" if n in ("BOME", "F2SA", "VRBO") else "-"
         for ax, grid, key in ((axes[0], t_grid, "time_quartiles"), (axes[1], c_grid, "calls_quartiles")):
             q1, med, q3 = zip(*s[key])
             (line,) = ax.plot(grid, med, style, label=n)
