@@ -91,7 +91,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=200_000, help="training samples (default 200000)")
     ap.add_argument("--m", type=int, default=20_000, help="validation samples (default 20000)")
-    ap.add_argument("--budget", type=float, default=20.0, help="seconds of steps per method (default 20)")
+    ap.add_argument("--budget", type=float, default=15.0, help="seconds of steps per method (default 15)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", nargs="+", default=None, help="a subset of the methods")
