@@ -67,7 +67,7 @@ def test_bad_oracle_arguments_are_named(kwargs, match):
 
 def test_a_loss_that_is_not_a_real_scalar_is_refused():
     f = FiniteSum(lambda p, h, i: p[0] * 1.0, 10, 5)
-    with pytest.raises(TypeError, match="real scalar"):
+    with pytest.raises(TypeError, match="real \\(floating\\) scalar tensor, got shape \\(3,\\)"):
         f([torch.zeros(3, dtype=DT)], [torch.zeros(1, dtype=DT)])
 
 
@@ -233,3 +233,25 @@ def test_losses_independent_of_a_variable_have_zero_derivatives_there():
     (gx,) = s.grad(outer, y, x, outer.full(), "x")
     assert torch.equal(gx, torch.zeros(3, dtype=DT))
     F2SA(inner, outer, torch.ones(3, dtype=DT), torch.ones(3, dtype=DT)).run(2)
+
+
+@pytest.mark.parametrize("batch, err, match", [
+    (torch.arange(10) < 3, TypeError, "boolean mask"),
+    ([0.5, 1.7], TypeError, "integer sample indices"),
+    ([-1, 2], ValueError, r"outside \[0, n_samples=10\)"),
+    ([3, 10], ValueError, "outside"),
+])
+def test_a_sampler_yielding_masks_floats_or_out_of_range_indices_is_refused(batch, err, match):
+    f = FiniteSum(lambda p, h, i: i.double().mean(), 10, 4, sampler=[batch])
+    with pytest.raises(err, match=match):
+        f.sample()
+
+
+def test_integer_losses_and_numpy_numbers():
+    import numpy as np
+    f = FiniteSum(lambda p, h, i: torch.tensor(1), 10, 5)
+    with pytest.raises(TypeError, match="dtype torch.int64"):
+        f([torch.zeros(3, dtype=DT)], [torch.zeros(1, dtype=DT)])
+    pb = small_problem()
+    s = SOBA(*oracles(pb), torch.zeros(8, dtype=DT), torch.zeros(3, dtype=DT), step_size=np.float32(0.1))
+    assert s.run(np.int64(2)).steps == 2 and isinstance(s.step_size, float)

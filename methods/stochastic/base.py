@@ -22,6 +22,7 @@ Every result is a stochastic estimate and says so (``approximate=True``).
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -46,17 +47,18 @@ def _as_list(xs: Tensors, name: str) -> List[Tensor]:
 
 
 def check_positive(value, name: str, allow_zero: bool = False) -> float:
-    """``value`` as a float, required finite and > 0 (>= 0 with ``allow_zero``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+    """``value`` as a float, required finite and > 0 (>= 0 with ``allow_zero``); any real number type
+    (numpy's included), not bool."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
             or value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, got {value!r}")
     return float(value)
 
 
 def check_count(value, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
+    return int(value)
 
 
 @dataclass

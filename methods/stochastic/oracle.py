@@ -93,9 +93,17 @@ class FiniteSum:
                 idx = next(self._epoch, None)
                 if idx is None:
                     raise ValueError("sampler yielded no batch")
-            idx = torch.as_tensor(idx, dtype=torch.long, device=self.device).reshape(-1)
+            idx = torch.as_tensor(idx, device=self.device).reshape(-1)
+            if idx.dtype == torch.bool:
+                raise TypeError("sampler yielded a boolean mask; yield the sample indices (mask.nonzero())")
+            if idx.is_floating_point() or idx.is_complex():
+                raise TypeError(f"sampler yielded indices of dtype {idx.dtype}; yield integer sample indices")
+            idx = idx.long()
             if idx.numel() == 0:
                 raise ValueError("sampler yielded an empty batch")
+            if int(idx.min()) < 0 or int(idx.max()) >= self.n:
+                raise ValueError(f"sampler yielded indices outside [0, n_samples={self.n}): "
+                                 f"{int(idx.min())} .. {int(idx.max())}")
             self.samples_drawn += idx.numel()
             return Batch(idx, None, 1.0)
         k = next(self._epoch, None)
@@ -119,8 +127,9 @@ class FiniteSum:
         """``batch.scale * loss(params, hparams, batch.idx)``, checked to be a real scalar."""
         out = self.loss(params, hparams, batch.idx)
         if not isinstance(out, Tensor) or out.numel() != 1 or not out.is_floating_point():
-            raise TypeError(f"loss(params, hparams, idx) must return a real scalar tensor, got "
-                            f"{type(out).__name__ if not isinstance(out, Tensor) else tuple(out.shape)}")
+            got = (type(out).__name__ if not isinstance(out, Tensor) else
+                   f"shape {tuple(out.shape)}" if out.numel() != 1 else f"dtype {out.dtype}")
+            raise TypeError(f"loss(params, hparams, idx) must return a real (floating) scalar tensor, got {got}")
         out = out.reshape(())
         return out if batch.scale == 1.0 else out * batch.scale
 
