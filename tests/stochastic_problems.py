@@ -106,3 +106,15 @@ def reads(host_reads, f):
     n0 = host_reads["n"]
     f()
     return host_reads["n"] - n0
+
+
+def random_state(solver, seed=3, t=4, g=None):
+    """Put a random (y, v, x) and iteration t into ``solver`` (drawn from ``g``, else a generator seeded by
+    ``seed``); returns copies."""
+    g = torch.Generator().manual_seed(seed) if g is None else g
+    solver.y = torch.randn(solver.y.shape, generator=g, dtype=DT)
+    solver.v = torch.randn(solver.v.shape, generator=g, dtype=DT)
+    solver.x = torch.randn(solver.x.shape, generator=g, dtype=DT)
+    solver.t = t
+    return solver.y.clone(), solver.v.clone(), solver.x.clone()
+

@@ -9,6 +9,8 @@ from methods.stochastic.saba import SABA
 from stochastic_problems import (DT, cross, grad_x, grad_y, hvp, oracles, small_problem, sq_grad_norm, x_star,
                                  zeros, reads)
 
+from stochastic_problems import random_state as shared_random_state  # noqa: E402
+
 NAMES = ("inner_grad", "hvp", "cross_v", "grad_in_outer", "grad_out_outer")
 
 
@@ -16,14 +18,11 @@ NAMES = ("inner_grad", "hvp", "cross_v", "grad_in_outer", "grad_out_outer")
 def random_state(solver, seed=3, t=4):
     """A random (y, v, x) and random memory tables (their means consistent); returns copies."""
     g = torch.Generator().manual_seed(seed)
-    solver.y = torch.randn(solver.y.shape, generator=g, dtype=DT)
-    solver.v = torch.randn(solver.v.shape, generator=g, dtype=DT)
-    solver.x = torch.randn(solver.x.shape, generator=g, dtype=DT)
-    solver.t = t
+    y, v, x = shared_random_state(solver, t=t, g=g)
     for k in NAMES:
         solver.memory[k] = torch.randn(solver.memory[k].shape, generator=g, dtype=DT)
         solver.memory_mean[k] = solver.memory[k].mean(0)
-    return solver.y.clone(), solver.v.clone(), solver.x.clone(), {k: m.clone() for k, m in solver.memory.items()}
+    return y, v, x, {k: m.clone() for k, m in solver.memory.items()}
 
 
 def block_quantities(pb, y, v, x, bi, bo):

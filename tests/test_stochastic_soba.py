@@ -5,16 +5,8 @@ import pytest
 import torch
 
 from methods.stochastic import SOBA
-from stochastic_problems import (DT, cross, grad_x, grad_y, hvp, oracles, small_problem, sq_grad_norm, x_star)
-
-
-def random_state(solver, seed=3, t=4):
-    g = torch.Generator().manual_seed(seed)
-    solver.y = torch.randn(solver.y.shape, generator=g, dtype=DT)
-    solver.v = torch.randn(solver.v.shape, generator=g, dtype=DT)
-    solver.x = torch.randn(solver.x.shape, generator=g, dtype=DT)
-    solver.t = t
-    return solver.y.clone(), solver.v.clone(), solver.x.clone()
+from stochastic_problems import (DT, cross, grad_x, grad_y, hvp, oracles, random_state, small_problem,
+                                 sq_grad_norm, x_star)
 
 
 @pytest.mark.parametrize("batch_size", [16, 48, "full"])  # 48: 256 = 5 x 48 + 16, an incomplete last block
