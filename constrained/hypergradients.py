@@ -163,17 +163,31 @@ def hypergradient(problem: ConstrainedProblem, params: Sequence[Tensor], hparams
 
     Args:
         problem: the inner problem; ``params`` (with ``mu``, ``nu``) must be its KKT point at ``hparams``.
-        mu: one multiplier per entry of ``problem.ineq`` (all of them); nu: one per entry of ``problem.eq``.
+        params: the inner solution y (a list of tensors).
+        hparams: the outer variables x (a list of tensors).
+        outer_loss: ``outer_loss(params, hparams) -> scalar`` (with ``with_multipliers``: also ``mu``, ``nu``).
+        mu: one multiplier per entry of ``problem.ineq`` (all of them).
+        nu: one multiplier per entry of ``problem.eq``.
         solver: "auto" (dense up to ``dense_max`` unknowns, else MINRES), "dense", "minres", "cg",
             "cg_normaleq". CG may break down on the indefinite KKT matrix: it then raises, never NaN.
-        K, tol, rtol: iteration limit and stopping rule max(tol, rtol ||grad_w E||) of the Krylov solve
-            (rtol None: max(1e-11, 100 eps of the dtype), reachable in float32 too).
+        K: iteration limit of the Krylov solve (None: 10 x the number of unknowns + 100).
+        tol: absolute part of its stopping rule, residual <= max(tol, rtol ||grad_w E||).
+        rtol: relative part of the same rule (None: max(1e-11, 100 eps of the dtype), reachable in
+            float32 too).
         with_multipliers: call ``outer_loss(params, hparams, mu, nu)`` with the full-length multipliers
             (differentiated through the active ones; the inactive ones are constants: locally zero).
-        degenerate, active_rtol, active_atol, kkt_tol, eta: see :func:`constrained.kkt_map`.
+        eta: see [`kkt_map`][constrained.kkt_map].
+        degenerate: see [`kkt_map`][constrained.kkt_map].
+        active_rtol: ``rtol`` of [`kkt_map`][constrained.kkt_map].
+        active_atol: ``atol`` of [`kkt_map`][constrained.kkt_map].
+        kkt_tol: see [`kkt_map`][constrained.kkt_map].
         set_grad: add the result to ``hparam.grad``.
-        materialize: build K once as a dense matrix (default: when it has at most ``dense_max`` rows and
-            the callables support ``torch.func``); False: matrix-free Hessian-vector products.
+        v0: warm start for the adjoint (e.g. ``result.v`` of the previous outer step); ignored when its
+            shapes no longer match w (the active set changed).
+        dense_max: the most unknowns for which "auto" picks the dense solve and K is materialized.
+        materialize: build the KKT matrix K once as a dense matrix (default: when it has at most
+            ``dense_max`` rows and the callables support ``torch.func``); False: matrix-free
+            Hessian-vector products.
     """
     if solver not in SOLVERS:
         pick_solver(solver, 0, True, 0)  # raises the error naming the choices

@@ -89,7 +89,11 @@ def batched_hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], f
         fp_map: batched map; row b of its output may depend only on row b of the params.
         outer_loss: returns the per-task losses, shape [B].
         solver: "cg", "fixed_point" or "neumann" (per-task convergence, see :data:`BATCHED_SOLVERS`).
-        K, tol, rtol, v0, fixed_point_tol: as in :func:`hypergrad.hypergradient`, per task.
+        K: as in [`hypergradient`][hypergrad.hypergradient], per task.
+        tol: as in [`hypergradient`][hypergrad.hypergradient], per task.
+        rtol: as in [`hypergradient`][hypergrad.hypergradient], per task.
+        v0: as in [`hypergradient`][hypergrad.hypergradient], per task.
+        fixed_point_tol: as in [`hypergradient`][hypergrad.hypergradient], per task.
         per_task: return every hparam's gradient per task, shape [B, *hparam.shape] (row b: task b's
             hypergradient), instead of the sum over tasks (B batched VJPs). ``set_grad`` adds the sum.
         check_tasks: reject maps that couple tasks (2 ceil(log2 B) probing VJPs, see :func:`_check_separable`).

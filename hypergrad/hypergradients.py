@@ -164,11 +164,12 @@ def hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], fp_map: F
     Args:
         solver: "fixed_point", "neumann", "cg", "cg_normaleq", "minres", "gmres" or "dense".
         K: maximum number of iterations of the solver (a non-negative integer).
-        tol, rtol: stop when the residual is <= max(tol, rtol * ||dE/dw||). Neither given: relative,
+        tol: stop when the residual is <= max(tol, rtol * ||dE/dw||). Neither given: relative,
             ``rtol = default_rtol(dtype)`` (1e-10 in float64, 1.2e-5 in float32), so scaling the outer loss
             by c scales the result by c. One given: the other is 0. An absolute ``tol`` at or above a
             nonzero ||dE/dw|| is not taken as a solved system (the zero adjoint): a warning, and the
             default relative tolerance instead.
+        rtol: the relative tolerance of the same rule (see ``tol``).
         v0: warm start for the adjoint (e.g. ``result.v`` of the previous outer step).
         create_graph: return the hypergradient with a graph whose derivatives are the exact higher
             derivatives of f(lambda) = E(w*(lambda), lambda): params enter as the implicit layer's solution

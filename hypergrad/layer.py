@@ -51,8 +51,10 @@ class ImplicitLayer:
         backward_solver: a core solver for the adjoint (dF/dw)^T u = g: "gmres" (any operator, the default),
             "cg" (symmetric positive definite dF/dw: gradient maps, optimality = gradient of a convex loss),
             "minres", "fixed_point", "neumann", "cg_normaleq" or "dense".
-        backward_maxiter, backward_tol, backward_rtol: its iteration limit and tolerances (the core's default
-            relative tolerance, 1e-10 in float64, when neither tolerance is given).
+        backward_maxiter: the backward solver's iteration limit.
+        backward_tol: its absolute tolerance (the core's default relative tolerance, 1e-10 in float64,
+            when neither tolerance is given).
+        backward_rtol: its relative tolerance (see ``backward_tol``).
         warm_start: start each first-order adjoint solve from the previous one (same shapes).
         strict: a backward solve that does not converge raises :class:`ConvergenceError` (else warns).
         backward_options: more options of the backward solver (``restart``, ``check_every``, ...).

@@ -124,8 +124,10 @@ class BilevelSolver:
     re-initialized. Diagnostics of the last call are in :attr:`diagnostics` (and :attr:`last`).
 
     Args:
-        ul_objective, ll_objective: ``objective(state) -> scalar tensor``.
-        ul_model, ll_model: the upper and lower ``nn.Module``; their trainable parameters are x and y.
+        ul_objective: the upper objective, ``objective(state) -> scalar tensor``.
+        ul_model: the upper ``nn.Module``; its trainable parameters are x.
+        ll_objective: the lower objective, ``objective(state) -> scalar tensor``.
+        ll_model: the lower ``nn.Module``; its trainable parameters are y.
         ll_opt: a ``torch.optim.SGD`` over ``ll_model.parameters()``: the lower steps follow its rule
             (lr, momentum, dampening, weight decay, nesterov); it is never stepped itself.
         lower_loop: number of lower steps per call.

@@ -81,8 +81,10 @@ class StochasticSolver:
     with the primitives below and set ``name``.
 
     Args:
-        inner, outer: the oracles of f (lower) and F (upper).
-        params, hparams: the starting y and x (tensors or lists of tensors; copied, never written).
+        inner: the oracle of f (lower).
+        outer: the oracle of F (upper).
+        params: the starting y (a tensor or a list of tensors; copied, never written).
+        hparams: the starting x (a tensor or a list of tensors; copied, never written).
         step_size: the inner step size rho (the benchmark's ``step_size``).
         outer_ratio: the outer step size is ``step_size / outer_ratio``.
         max_norm: a state norm above this raises :class:`hypergrad.DivergenceError` (default
