@@ -1,10 +1,12 @@
 # Two commands for a newcomer: `make demo` and `make test`. Each builds .venv itself.
+# `make docs` builds the documentation site (site/) strictly; `make dist` builds and checks the sdist and wheel.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DOCS_STAMP := $(VENV)/.installed-docs
 
-.PHONY: demo test bench clean
+.PHONY: demo test docs serve-docs dist bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,14 +16,29 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test,bench,examples]"
 	touch $(STAMP)
 
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[test,bench,examples,docs]"
+	touch $(DOCS_STAMP)
+
 demo: $(STAMP)
 	$(PY) examples/hyper_cleaning.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 
+docs: $(DOCS_STAMP)
+	$(PY) -m mkdocs build --strict --site-dir site
+
+serve-docs: $(DOCS_STAMP)
+	$(PY) -m mkdocs serve
+
+dist: $(STAMP)
+	rm -rf dist
+	$(PY) -m build --outdir dist
+	$(PY) -m twine check --strict dist/*
+
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) site dist build

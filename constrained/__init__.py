@@ -6,6 +6,7 @@
 y*(x) given a primal-dual solution (from :func:`solve_cvxpy`, a :class:`DualLayer` batch, or any solver).
 Built on :mod:`hypergrad`'s linear solvers (dense / MINRES for the symmetric indefinite KKT matrix).
 """
+from hypergrad._version import __version__
 from .batch import BatchResult, batch_hypergradient
 from .cvxpy_bridge import CvxpySolution, DualLayer, LayerSolution, check_model, solve_cvxpy, split_constraints
 from .errors import (ConstrainedError, CvxpyProblemError, DegenerateConstraintError, DegenerateConstraintWarning,

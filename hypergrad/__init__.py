@@ -25,7 +25,7 @@ from .linear_solvers import SOLVERS, SolveInfo, default_rtol
 from .forward_solvers import FORWARD_SOLVERS, ForwardInfo, anderson, fixed_point_iteration
 from .layer import FixedPointLayer, ImplicitLayer, custom_fixed_point, custom_root, fixed_point_solve
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "hypergradient", "HypergradResult", "SolveInfo", "SOLVERS",

@@ -16,6 +16,7 @@ gradients and diagnostics; the classes are thin ``objective(state)`` / ``nn.Modu
 their deterministic counterparts (FullBatchImplicit, FullBatchRAD) over a :class:`~methods.stochastic.FiniteSum`
 oracle.
 """
+from hypergrad._version import __version__
 from ._lower import SGDRule
 from .base import BilevelSolver, ModuleView, Result
 from . import bvfim, dynamic, implicit  # the modules (the functions are named *_hypergradient)
