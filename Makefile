@@ -27,10 +27,10 @@ test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 
 docs: $(DOCS_STAMP)
-	$(PY) -m mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 serve-docs: $(DOCS_STAMP)
-	$(PY) -m mkdocs serve
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve
 
 dist: $(STAMP)
 	rm -rf dist

@@ -42,7 +42,14 @@ def _source_modules():
 def _clean_copy(dest):
     """The files a clean checkout has (tracked, or untracked and not ignored): no stale ``*.egg-info`` or build
     folder of this working tree can leak files into the sdist."""
-    files = _run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT).split("\0")
+    try:
+        files = _run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT).split("\0")
+    except (AssertionError, OSError):      # not a git checkout: everything but what builds and runs leave behind
+        skip = {".git", ".venv", "site", "dist", "build", "results", "__pycache__", ".pytest_cache"}
+        files = []
+        for dirpath, dirs, names in os.walk(ROOT):
+            dirs[:] = [d for d in dirs if d not in skip and not d.endswith(".egg-info") and not d.startswith(".boat")]
+            files += [os.path.relpath(os.path.join(dirpath, n), ROOT) for n in names if not n.endswith(".pyc")]
     for rel in filter(None, files):
         src = os.path.join(ROOT, rel)
         if os.path.isfile(src):
