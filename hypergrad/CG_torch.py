@@ -1,6 +1,6 @@
 """hypertorch's ``hypergrad.CG_torch``: ``cg(Ax, b, max_iter, epsilon)`` on lists of tensors.
 
-A thin wrapper over :func:`hypergrad.linear_solvers.solve_cg` (one CG, with its safety checks). Unlike
+A thin wrapper over ``hypergrad.linear_solvers.solve_cg`` (one CG, with its safety checks). Unlike
 hypertorch's, it returns the *latest* iterate when the tolerance is met (hypertorch returns the one
 before), and it raises instead of returning NaN when the system is singular or indefinite.
 """

@@ -3,9 +3,10 @@
     min_lambda E(w(lambda), lambda),   w(lambda) = Phi(w(lambda), lambda)
 
 ``hypergrad.cg(params, hparams, K, fp_map, outer_loss)`` returns dE/dlambda (and adds it to
-``hparam.grad``); :func:`hypergradient` is the general entry with a choice of solver and diagnostics.
-:class:`FixedPointLayer` (and :func:`custom_root`, :func:`custom_fixed_point`) return w(lambda) as tensors in
-the caller's graph: ``loss.backward()``, ``torch.func`` transforms and every order of derivative are implicit.
+``hparam.grad``); [`hypergradient`][hypergrad.hypergradient] is the general entry with a choice of solver and
+diagnostics. [`FixedPointLayer`][hypergrad.FixedPointLayer] (and [`custom_root`][hypergrad.custom_root],
+[`custom_fixed_point`][hypergrad.custom_fixed_point]) return w(lambda) as tensors in the caller's graph:
+``loss.backward()``, ``torch.func`` transforms and every order of derivative are implicit.
 """
 from .errors import (BreakdownError, ConvergenceError, DivergenceError, FixedPointWarning, HypergradError, NonFiniteError,
                      NotAFixedPointError, SingularSystemError)

@@ -28,18 +28,26 @@ from .linear_solvers import _systems as _tasks
 
 BatchMatVec = Callable[[List[Tensor]], List[Tensor]]
 
-#: one implementation per solver: the core's, over rows (``batched=True``); per-task [B] diagnostics
 BATCHED_SOLVERS: Dict[str, Callable] = {name: functools.partial(SOLVERS[name], batched=True)
                                         for name in ("cg", "fixed_point", "neumann")}
+"""The solvers of [`batched_hypergradient`][hypergrad.batched_hypergradient] by name.
+
+"cg", "fixed_point" and "neumann", each the core's over rows (``batched=True``), with per-task [B]
+diagnostics."""
 BatchedSolveInfo = SolveInfo
+"""The [`SolveInfo`][hypergrad.SolveInfo] of a batched solve (the same class).
+
+``iterations``, ``residual`` and ``converged`` are tensors of shape [B], one entry per task."""
 
 
 @dataclass
 class BatchedHypergradResult:
-    """``grads`` (one per hparam; summed over tasks for shared hparams unless ``per_task``), the
+    """The result of [`batched_hypergradient`][hypergrad.batched_hypergradient].
+
+    ``grads`` (one per hparam; summed over tasks for shared hparams unless ``per_task``), the
     adjoints ``v`` (leading dimension B: pass back as ``v0``), per-task [B] diagnostics of the adjoint
     solve, and per-task inner fixed-point residuals ``fp_residual`` = ||Phi_b(w) - w_b|| (absolute) and
-    ``fp_residual_rel`` (per tensor, as :class:`hypergrad.HypergradResult`'s)."""
+    ``fp_residual_rel`` (per tensor, as [`hypergrad.HypergradResult`][hypergrad.HypergradResult]'s)."""
     grads: List[Tensor]
     v: List[Tensor]
     iterations: Tensor
@@ -86,17 +94,21 @@ def batched_hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], f
     grad = sum_b [dE_b/dlambda + (dPhi_b/dlambda)^T v_b],  (I - dPhi_b/dw_b)^T v_b = dE_b/dw_b.
 
     Args:
+        params: the B fixed points, every tensor with the leading task dimension B.
+        hparams: shared by all tasks (any shape), or per task (leading dimension B).
         fp_map: batched map; row b of its output may depend only on row b of the params.
         outer_loss: returns the per-task losses, shape [B].
-        solver: "cg", "fixed_point" or "neumann" (per-task convergence, see :data:`BATCHED_SOLVERS`).
-        K: as in [`hypergradient`][hypergrad.hypergradient], per task.
-        tol: as in [`hypergradient`][hypergrad.hypergradient], per task.
-        rtol: as in [`hypergradient`][hypergrad.hypergradient], per task.
-        v0: as in [`hypergradient`][hypergrad.hypergradient], per task.
-        fixed_point_tol: as in [`hypergradient`][hypergrad.hypergradient], per task.
-        per_task: return every hparam's gradient per task, shape [B, *hparam.shape] (row b: task b's
+        solver: "cg", "fixed_point" or "neumann" (per-task convergence, see
+            [`BATCHED_SOLVERS`][hypergrad.BATCHED_SOLVERS]).
+        K: the iteration limit, as in [`hypergradient`][hypergrad.hypergradient] (each task stops on its own).
+        tol: as in [`hypergradient`][hypergrad.hypergradient], applied per task.
+        rtol: as in [`hypergradient`][hypergrad.hypergradient], applied per task.
+        v0: warm start for the adjoints (leading dimension B, e.g. ``result.v`` of the previous call).
+        set_grad: add the result (the sum over tasks) to ``hparam.grad``.
+        fixed_point_tol: as in [`hypergradient`][hypergrad.hypergradient], checked per task.
+        per_task: return every hparam's gradient per task, shape ``[B, *hparam.shape]`` (row b: task b's
             hypergradient), instead of the sum over tasks (B batched VJPs). ``set_grad`` adds the sum.
-        check_tasks: reject maps that couple tasks (2 ceil(log2 B) probing VJPs, see :func:`_check_separable`).
+        check_tasks: reject maps that couple tasks (2 ceil(log2 B) probing VJPs, see ``_check_separable``).
         solver_options: ``check_every``, ``divergence_factor``.
     """
     if solver not in BATCHED_SOLVERS:
@@ -136,7 +148,8 @@ def batched_hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], f
 
 
 def _fp_residuals(mapped, params):
-    """Per task: ||Phi_b(w) - w_b|| and the per-tensor relative residual (as :class:`HypergradResult`)."""
+    """Per task: ||Phi_b(w) - w_b|| and the per-tensor relative residual (as
+    [`HypergradResult`][hypergrad.HypergradResult])."""
     dots = lambda xs, ys: torch.stack([(x * y).reshape(x.shape[0], -1).sum(1) for x, y in zip(xs, ys)])
     return fixed_point_residuals([p.detach() for p in params], [m.detach() for m in mapped], dots)
 

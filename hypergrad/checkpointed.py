@@ -40,7 +40,9 @@ class NondeterministicMapError(HypergradError):
 
 @dataclass
 class CheckpointedResult:
-    """``grads`` (one per hparam); ``params`` the final iterate w_T (detached: the next outer step's
+    """The result of [`checkpointed_hypergradient`][hypergrad.checkpointed_hypergradient].
+
+    ``grads`` (one per hparam); ``params`` the final iterate w_T (detached: the next outer step's
     warm start); ``adjoint`` dE/dw_0 (the gradient w.r.t. the initial iterate, for a learned
     initialization); ``checkpoints`` the steps whose iterates the forward pass kept; ``map_evals`` the
     evaluations of step maps without a graph (forward pass plus recomputation); ``vjps`` = T."""
@@ -185,6 +187,7 @@ def checkpointed_hypergradient(params0: Sequence[Tensor], hparams: Sequence[Tens
             one minibatch per step). Maps must be deterministic: the backward pass evaluates each step
             again and checks the recomputed iterates against the forward pass's.
         T: the number of inner steps (0 gives dE/dlambda at w_0).
+        outer_loss: E(params, hparams) -> scalar, evaluated at the final iterate w_T.
         checkpoints: the number c of iterates kept by the forward pass, in [1, T]; default ceil(sqrt T).
             Memory: c + ceil(T / c) iterates; map evaluations: T + (T - #segments) without a graph plus
             T VJPs. c = T keeps every iterate (no recomputation, like ``reverse``).
@@ -213,9 +216,10 @@ def checkpointed_hypergradient(params0: Sequence[Tensor], hparams: Sequence[Tens
 def reverse_checkpointed(params0: Sequence[Tensor], hparams: Sequence[Tensor],
                          step_map: Union[StepMap, Sequence[StepMap]], T: int, outer_loss: OuterLoss,
                          checkpoints: Optional[int] = None, set_grad: bool = True) -> List[Tensor]:
-    """Hypergradient through T steps w_{t+1} = step_map(w_t, hparams) from ``params0``, with memory
-    O(sqrt T) (``checkpoints`` iterates kept, default ceil(sqrt T)); the same numbers as ``reverse_unroll``.
+    """Hypergradient through T steps w_{t+1} = step_map(w_t, hparams) from ``params0``, in memory O(sqrt T).
+
+    ``checkpoints`` iterates are kept (default ceil(sqrt T)); the same numbers as ``reverse_unroll``.
     Returns one tensor per hparam and, with ``set_grad``, adds it to ``hparam.grad``. For the final
-    iterate w_T and the other options see :func:`checkpointed_hypergradient`."""
+    iterate w_T and the other options see [`checkpointed_hypergradient`][hypergrad.checkpointed_hypergradient]."""
     return checkpointed_hypergradient(params0, hparams, step_map, T, outer_loss, checkpoints=checkpoints,
                                       set_grad=set_grad).grads

@@ -6,16 +6,17 @@ shards, each ``F_r`` a mean over its shard) or ``F = sum_r F_r`` (``reduce="sum"
 weighted by n_r / N, e.g. a sum over the shard divided by the global N). Two collectives make any
 differentiable computation of ``F`` global:
 
-- :func:`replicate` on the inputs: identity forward; backward all-reduces the cotangents, so the gradient
-  w.r.t. a replicated input is the (mean or sum) of the local gradients, i.e. the gradient of ``F``.
-- :func:`reduce_mean` / :func:`reduce_sum` on the outputs: all-reduce forward (the value of ``F``, identical
-  on every rank); backward identity, since the cotangent of a replicated value is the same on every rank.
+- [`replicate`][hypergrad.distributed.replicate] on the inputs: identity forward; backward all-reduces the cotangents,
+  so the gradient w.r.t. a replicated input is the (mean or sum) of the local gradients, i.e. the gradient of ``F``.
+- [`reduce_mean`][hypergrad.distributed.reduce_mean] / [`reduce_sum`][hypergrad.distributed.reduce_sum] on the outputs:
+  all-reduce forward (the value of ``F``, identical on every rank); backward identity, since the cotangent of a
+  replicated value is the same on every rank.
 
 Each one's backward *is* the other (Megatron-LM's f/g pair), so differentiating a backward pass again
 (Hessian-vector products, reverse mode through differentiable inner steps, ``create_graph=True``) keeps
-the same meaning. :func:`data_parallel` puts both around a function of the interface ``fn(params, hparams)``;
-every hypergradient function of the core then returns, on every rank, the hypergradient of one process
-holding all the data. Launch with ``torchrun`` (see ``examples/distributed_hpo.py``).
+the same meaning. [`data_parallel`][hypergrad.distributed.data_parallel] puts both around a function of the interface
+``fn(params, hparams)``; every hypergradient function of the core then returns, on every rank, the hypergradient of one
+process holding all the data. Launch with ``torchrun`` (see ``examples/distributed_hpo.py``).
 """
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ def _all_reduce(tensors: Sequence[Tensor], group, reduce: str) -> Tuple[Tensor, 
 
 
 class _Replicate(torch.autograd.Function):
-    """Identity forward; backward = all-reduce (mean or sum) of the cotangents, as a :class:`_Reduce`."""
+    """Identity forward; backward = all-reduce (mean or sum) of the cotangents, as a ``_Reduce``."""
 
     @staticmethod
     def forward(ctx, group, reduce, *tensors):
@@ -84,7 +85,7 @@ class _Replicate(torch.autograd.Function):
 
 
 class _Reduce(torch.autograd.Function):
-    """All-reduce (mean or sum) forward; backward = identity, as a :class:`_Replicate`."""
+    """All-reduce (mean or sum) forward; backward = identity, as a ``_Replicate``."""
 
     @staticmethod
     def forward(ctx, group, reduce, *tensors):
@@ -109,18 +110,32 @@ def replicate(x: Tensors, group=None, reduce: str = "mean") -> Tensors:
 
     Forward: the tensors themselves (views). Backward: the cotangents all-reduced with ``reduce`` over
     ``group``, so d/dx of the global function (mean or sum of the per-rank ones) arrives on every rank.
-    Pair it with :func:`reduce_mean` (``reduce="mean"``) or :func:`reduce_sum` (``reduce="sum"``) on the outputs.
+    Pair it with [`reduce_mean`][hypergrad.distributed.reduce_mean] (``reduce="mean"``) or
+    [`reduce_sum`][hypergrad.distributed.reduce_sum] (``reduce="sum"``) on the outputs.
+
+    Args:
+        x: a tensor or a list of tensors (returned in the same form).
+        group: the ``torch.distributed`` process group (None: the default group).
+        reduce: "mean" or "sum", the reduction of the cotangents.
     """
     return _apply(_Replicate, x, group, reduce, "replicate(x)")
 
 
 def reduce_mean(x: Tensors, group=None) -> Tensors:
-    """(1/R) sum over the R ranks of ``group`` of x, on every rank; backward: :func:`replicate` (mean)."""
+    """(1/R) sum over the R ranks of ``group`` of x, on every rank.
+
+    Backward: [`replicate`][hypergrad.distributed.replicate] (mean). ``x`` is a tensor or a list of tensors;
+    ``group`` None is the default process group.
+    """
     return _apply(_Reduce, x, group, "mean", "reduce_mean(x)")
 
 
 def reduce_sum(x: Tensors, group=None) -> Tensors:
-    """sum over the ranks of ``group`` of x, on every rank; backward: :func:`replicate` (sum)."""
+    """The sum over the ranks of ``group`` of x, on every rank.
+
+    Backward: [`replicate`][hypergrad.distributed.replicate] (sum). ``x`` is a tensor or a list of tensors;
+    ``group`` None is the default process group.
+    """
     return _apply(_Reduce, x, group, "sum", "reduce_sum(x)")
 
 
@@ -145,11 +160,17 @@ def data_parallel(fn: Callable, group=None, reduce: str = "mean") -> Callable:
     its shard) or the sum (``reduce="sum"``: ``fn`` already weighted by n_local / N). Extra arguments (e.g. a
     data batch) are passed through unreduced. ``fn`` returns a scalar loss or a list of tensors (a
     fixed-point map); the result is identical on every rank, and so are its gradients w.r.t. params and
-    hparams (which must hold the same values on every rank: see :func:`assert_replicated`).
+    hparams (which must hold the same values on every rank: see
+    [`assert_replicated`][hypergrad.distributed.assert_replicated]).
 
     Wrap losses (``GradientDescent(data_parallel(inner_loss), lr)`` is then a global gradient step). Wrapping
     a map is right only with ``reduce="mean"`` and a map affine in the per-rank terms (a gradient step on a
     local mean loss is: the mean of w - s grad F_r is w - s grad F).
+
+    Args:
+        fn: the per-rank function ``fn(params, hparams, *args, **kwargs)``, a scalar loss or a list of tensors.
+        group: the ``torch.distributed`` process group (None: the default group).
+        reduce: "mean" (equal shards, ``fn`` a mean over its shard) or "sum" (``fn`` already weighted).
     """
     _check_reduce(reduce)
     _world_size(group)
@@ -167,8 +188,11 @@ def data_parallel(fn: Callable, group=None, reduce: str = "mean") -> Callable:
 
 
 def assert_replicated(tensors: Sequence[Tensor], group=None, name: str = "tensors") -> None:
-    """Raise ``ValueError`` on every rank if some tensor's shape, dtype or value differs across the ranks of
-    ``group``, naming the first such ``name[i]`` (one object all-gather of shapes, one all-reduce of values)."""
+    """Raise ``ValueError`` on every rank if some tensor's shape, dtype or value differs across the ranks.
+
+    Checks over the ranks of ``group`` (None: the default group) and names the first such ``name[i]`` (one
+    object all-gather of shapes, one all-reduce of values).
+    """
     tensors = tl.as_tensor_list(tensors if isinstance(tensors, Tensor) else list(tensors), name)
     size = _world_size(group)
     meta = [(tuple(t.shape), str(t.dtype)) for t in tensors]

@@ -14,8 +14,10 @@ class DivergenceError(HypergradError, FloatingPointError):
 
 
 class ConvergenceError(HypergradError):
-    """An iterative solve ran out of iterations above its tolerance where a converged result is required
-    (the forward and backward solves of an implicit layer)."""
+    """An iterative solve ran out of iterations above its tolerance where a converged result is required.
+
+    Raised by the forward and backward solves of an implicit layer (``strict=True``).
+    """
 
 
 class BreakdownError(HypergradError, ArithmeticError):

@@ -5,11 +5,11 @@ mapping a list of tensors to a list of the same shapes. Stopping rule: ||Phi(w) 
 tensor i ||Phi_i(w) - w_i|| <= rtol max(||w_i||, ||Phi_i(w)||, r S, eps S0), with S the largest tensor's
 scale, r = min(1e-3, 100 eps / rtol) (2.2e-4 in float64 at the default rtol: a tensor smaller than r S
 converges to rtol r S absolute; pass ``tol`` for an absolute bound on it) and S0 the starting scale (so a
-fixed point at 0 is reached, by a residual eps S0 rtol). See :func:`hypergrad.hypergradients.fixed_point_residuals`. Neither given:
-``rtol = default_rtol(dtype)`` (1e-10 in float64). NaN/Inf raise :class:`NonFiniteError`; a residual or an
-iterate ``divergence_factor`` times its start raises :class:`DivergenceError`; running out of iterations
-raises :class:`ConvergenceError` unless ``strict=False`` (then ``converged=False`` and a warning). The
-returned ``w`` is the iterate whose residual was measured last.
+fixed point at 0 is reached, by a residual eps S0 rtol). See ``hypergrad.hypergradients.fixed_point_residuals``. Neither
+given: ``rtol = default_rtol(dtype)`` (1e-10 in float64). NaN/Inf raise [`NonFiniteError`][hypergrad.NonFiniteError]; a
+residual or an iterate ``divergence_factor`` times its start raises [`DivergenceError`][hypergrad.DivergenceError];
+running out of iterations raises [`ConvergenceError`][hypergrad.ConvergenceError] unless ``strict=False`` (then
+``converged=False`` and a warning). The returned ``w`` is the iterate whose residual was measured last.
 """
 from __future__ import annotations
 
@@ -32,7 +32,9 @@ FpMap = Callable[[List[Tensor]], List[Tensor]]
 
 @dataclass
 class ForwardInfo:
-    """What a forward solve did: ``iterations`` (updates of w; Phi is evaluated once more), the final
+    """What a forward solve (one of [`FORWARD_SOLVERS`][hypergrad.FORWARD_SOLVERS]) did.
+
+    ``iterations`` (updates of w; Phi is evaluated once more), the final
     ``residual`` ||Phi(w) - w|| and its per-tensor relative form ``residual_rel``, ``converged``, and
     ``residuals``, ||Phi(w) - w|| at every iterate."""
     solver: str
@@ -102,7 +104,23 @@ class _Progress:
 def fixed_point_iteration(fp: FpMap, w0: Sequence[Tensor], *, maxiter: int = 1000, tol: Optional[float] = None,
                           rtol: Optional[float] = None, beta: float = 1.0, divergence_factor: float = 1e6,
                           strict: bool = True) -> Tuple[List[Tensor], ForwardInfo]:
-    """Damped fixed-point iteration w <- (1 - beta) w + beta Phi(w); converges when Phi contracts."""
+    """Damped fixed-point iteration w <- (1 - beta) w + beta Phi(w); converges when Phi contracts.
+
+    Returns ``(w, ForwardInfo)``, ``w`` the iterate whose residual was measured last.
+
+    Args:
+        fp: the map Phi: a list of tensors to a list of the same shapes (called without a graph).
+        w0: the starting iterate (not modified).
+        maxiter: the most updates of w.
+        tol: stop when ||Phi(w) - w|| <= tol.
+        rtol: or when every tensor i has ||Phi_i(w) - w_i|| <= rtol max(||w_i||, ||Phi_i(w)||) (small tensors
+            count at a floor relative to the largest). Neither given: ``rtol = default_rtol(dtype)``.
+        beta: the damping, in (0, 2).
+        divergence_factor: a residual or an iterate this many times its start raises
+            [`DivergenceError`][hypergrad.DivergenceError].
+        strict: running out of iterations raises [`ConvergenceError`][hypergrad.ConvergenceError]; False:
+            ``converged=False`` and a warning.
+    """
     mon = _Progress("fixed_point", w0, maxiter, tol, rtol, divergence_factor, strict, beta)
     w = [t.detach() for t in w0]
     for _ in range(mon.maxiter + 1):
@@ -127,6 +145,13 @@ def anderson(fp: FpMap, w0: Sequence[Tensor], *, maxiter: int = 1000, tol: Optio
     equilibrium model); each row gets its own gamma (the stopping rule stays the whole batch's).
     Safeguards: the history restarts when the small system is singular or not finite, and when a step
     raises the residual tenfold above the best so far (the next step is then a plain damped step).
+    Returns ``(w, ForwardInfo)``; ``fp``, ``w0``, ``maxiter``, ``tol``, ``rtol``, ``beta``, ``divergence_factor``
+    and ``strict`` are those of [`fixed_point_iteration`][hypergrad.fixed_point_iteration].
+
+    Args:
+        memory: the number m of past residuals kept (a positive int).
+        regularization: the relative Tikhonov term of the small least-squares problem (>= 0).
+        batched: solve B independent problems along the leading dimension of every tensor.
     """
     if isinstance(memory, bool) or not isinstance(memory, int) or memory < 1:
         raise ValueError(f"memory must be a positive int, got {memory!r}")
@@ -203,3 +228,7 @@ FORWARD_SOLVERS: Dict[str, Callable] = {
     "fixed_point": fixed_point_iteration,
     "anderson": anderson,
 }
+"""The forward solvers by name, the choices of the ``solver`` of [`FixedPointLayer`][hypergrad.FixedPointLayer].
+
+"fixed_point" ([`fixed_point_iteration`][hypergrad.fixed_point_iteration]) and "anderson"
+([`anderson`][hypergrad.anderson])."""

@@ -1,7 +1,7 @@
 """``nn.Module`` adapters: module parameters as ``params``/``hparams`` lists, without ``higher``.
 
 A ``DistributedDataParallel`` wrapper is accepted everywhere and unwrapped: its reducer acts only on
-``.backward()`` into ``.grad``, so data-parallel hypergradients come from :mod:`hypergrad.distributed`.
+``.backward()`` into ``.grad``, so data-parallel hypergradients come from ``hypergrad.distributed``.
 """
 from __future__ import annotations
 
@@ -19,8 +19,10 @@ def _unwrap(module: nn.Module) -> nn.Module:
 
 
 def module_params(module: nn.Module, requires_grad: bool = True) -> List[Tensor]:
-    """Detached copies of the module's parameters (in ``named_parameters`` order), ready to be
-    ``params`` or ``hparams``. The module itself is not modified."""
+    """Detached copies of the module's parameters (in ``named_parameters`` order).
+
+    Ready to be ``params`` or ``hparams`` (``requires_grad`` as given); the module itself is not modified.
+    """
     module = _unwrap(module)
     return [p.detach().clone().requires_grad_(requires_grad) for p in module.parameters()]
 
@@ -39,8 +41,10 @@ def param_dict(module: nn.Module, tensors: Sequence[Tensor]) -> Dict[str, Tensor
 
 
 def functional(module: nn.Module):
-    """``f(params, *inputs)``: the module evaluated with ``params`` in place of its parameters
-    (buffers as they are), via ``torch.func.functional_call``."""
+    """``f(params, *inputs)``: the module evaluated with ``params`` in place of its parameters.
+
+    Buffers are used as they are; the call goes through ``torch.func.functional_call``.
+    """
     module = _unwrap(module)
 
     def call(params: Sequence[Tensor], *args, **kwargs):

@@ -5,7 +5,7 @@ Problem: min_lambda E(w(lambda), lambda) with w(lambda) = Phi(w(lambda), lambda)
     grad f = dE/dlambda + (dPhi/dlambda)^T v,    (I - dPhi/dw)^T v = dE/dw,
 
 ``v`` being the adjoint. Implicit methods differ only in how they solve for ``v``
-(:mod:`hypergrad.linear_solvers`); each product with (dPhi/dw)^T is one vector-Jacobian product.
+(``hypergrad.linear_solvers``); each product with (dPhi/dw)^T is one vector-Jacobian product.
 """
 from __future__ import annotations
 
@@ -37,14 +37,16 @@ OuterLoss = Callable[[List[Tensor], List[Tensor]], Tensor]
 
 @dataclass
 class HypergradResult:
-    """``grads`` (one per hparam), the adjoint ``v`` (pass it back as ``v0`` to warm-start the next
+    """The result of [`hypergradient`][hypergrad.hypergradient]: the hypergradient, its adjoint and diagnostics.
+
+    ``grads`` (one per hparam), the adjoint ``v`` (pass it back as ``v0`` to warm-start the next
     outer step), the solver's ``iterations`` (products with dPhi/dw^T), final ``residual``, ``converged``
     (of the adjoint solve), and the inner fixed-point residual ``fp_residual`` = ||Phi(w) - w|| with
     ``fp_residual_rel`` = max_i ||Phi_i(w) - w_i|| / max(||w_i||, ||Phi_i(w)||, 1e-3 S) over the params tensors i
-    (S the largest of those scales; see :func:`fixed_point_residuals`).
+    (S the largest of those scales; see ``fixed_point_residuals``).
 
     The hypergradient is exact only at a fixed point. For a map that contracts with factor rho,
-    ||w - w*|| <= ||Phi(w) - w|| / (1 - rho), and the error of the hypergradient is O(||w - w*||) (its
+    ``||w - w*|| <= ||Phi(w) - w|| / (1 - rho)``, and the error of the hypergradient is ``O(||w - w*||)`` (its
     constant: the Lipschitz constants of dE/dw and dPhi, times the norm of the adjoint)."""
     grads: List[Tensor]
     v: List[Tensor]
@@ -59,7 +61,7 @@ class HypergradResult:
 
 class _FixedPointSystem:
     """The adjoint system (I - J^T) v = dE/dw with J = dPhi/dw at the given (w, lambda). Several params tensors
-    reach a solver as one flat vector through the solvers' own :func:`~hypergrad.linear_solvers.one_vector`."""
+    reach a solver as one flat vector through the solvers' own ``one_vector``."""
 
     def __init__(self, params, hparams, fp_map: FpMap, stochastic: bool, create_graph: bool,
                  operator: Optional[Tensor] = None):
@@ -162,6 +164,10 @@ def hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], fp_map: F
     grad = dE/dlambda + (dPhi/dlambda)^T v, where (I - dPhi/dw)^T v = dE/dw.
 
     Args:
+        params: the fixed point w (a list of tensors; not modified).
+        hparams: lambda (a list of tensors).
+        fp_map: Phi(params, hparams) -> list shaped like params.
+        outer_loss: E(params, hparams) -> scalar.
         solver: "fixed_point", "neumann", "cg", "cg_normaleq", "minres", "gmres" or "dense".
         K: maximum number of iterations of the solver (a non-negative integer).
         tol: stop when the residual is <= max(tol, rtol * ||dE/dw||). Neither given: relative,
@@ -172,18 +178,19 @@ def hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], fp_map: F
         rtol: the relative tolerance of the same rule (see ``tol``).
         v0: warm start for the adjoint (e.g. ``result.v`` of the previous outer step).
         create_graph: return the hypergradient with a graph whose derivatives are the exact higher
-            derivatives of f(lambda) = E(w*(lambda), lambda): params enter as the implicit layer's solution
-            w*(lambda) (:func:`hypergrad.custom_fixed_point`), so differentiating again also differentiates
-            w* and the adjoint solve implicitly (each a linear solve with ``solver``). Not with ``stochastic``
-            or ``operator``.
+            derivatives of ``f(lambda) = E(w*(lambda), lambda)``: params enter as the implicit layer's
+            solution ``w*(lambda)`` ([`custom_fixed_point`][hypergrad.custom_fixed_point]), so differentiating
+            again also differentiates ``w*`` and the adjoint solve implicitly (each a linear solve with ``solver``). Not
+            with ``stochastic`` or ``operator``.
         set_grad: add the result to ``hparam.grad``.
         stochastic: ``fp_map`` is random; re-evaluate it at every product.
         operator: optional explicit (I - dPhi/dw)^T as an n x n matrix (n = numel of all params), used
             for the solve instead of VJPs through ``fp_map`` (e.g. a materialized KKT matrix); ``fp_map``
             still gives dPhi/dlambda.
-        fixed_point_tol: the largest accepted ``fp_residual_rel`` (see :class:`HypergradResult`): above it,
-            :class:`NotAFixedPointError`. None: a :class:`FixedPointWarning` above
-            :func:`fixed_point_warn_rtol` (1e-3 in float64, 1.2e-2 in float32). ``math.inf``: no check.
+        fixed_point_tol: the largest accepted ``fp_residual_rel`` (see [`HypergradResult`][hypergrad.HypergradResult]):
+            above it, [`NotAFixedPointError`][hypergrad.NotAFixedPointError]. None: a
+            [`FixedPointWarning`][hypergrad.FixedPointWarning] above ``fixed_point_warn_rtol`` (1e-3 in float64, 1.2e-2
+            in float32). ``math.inf``: no check.
         solver_options: passed to the solver (``check_every``, ``divergence_factor``, ``restart``); unknown
             names are an error listing the valid ones.
     """
@@ -252,7 +259,7 @@ def _differentiable(params, hparams, fp_map, outer_loss, solver, K, tol, rtol, v
 
 
 def fixed_point_residuals(params, mapped, dots, scale_floor: float = 0.0, floor_ratio: float = 1e-3):
-    """(||Phi(w) - w||, the per-tensor relative residual of :meth:`_FixedPointSystem.residual`); ``dots(xs, ys)``
+    """(||Phi(w) - w||, the per-tensor relative residual of ``_FixedPointSystem.residual``); ``dots(xs, ys)``
     stacks the inner products per tensor along dim 0 (per task as a last dimension in the batched case).
     Every tensor counts at a scale of at least ``floor_ratio`` (1e-3) times the largest, and at least
     ``scale_floor`` (a forward solve passes eps times its starting scale, so a fixed point at 0 is reached).
@@ -322,14 +329,37 @@ def _implicit(solver: str):
     method.__name__ = method.__qualname__ = solver
     method.__doc__ = (f"Hypergradient with the adjoint solved by {solver!r}, at most K iterations, stopping "
                       f"when the residual norm is < tol (hypertorch's signature). Returns one tensor per "
-                      f"hparam and, with set_grad, adds it to hparam.grad. See :func:`hypergradient`.")
+                      f"hparam and, with set_grad, adds it to hparam.grad. See "
+                      f"[`hypergradient`][hypergrad.hypergradient].")
     return method
 
 
 fixed_point = _implicit("fixed_point")
+"""Hypergradient with the adjoint from the fixed-point iteration v <- (dPhi/dw)^T v + dE/dw (hypertorch's).
+
+``fixed_point(params, hparams, K, fp_map, outer_loss, tol=1e-10, set_grad=True, stochastic=False)``: at most
+``K`` iterations, stopping when the residual norm is below ``tol``; returns one tensor per hparam and, with
+``set_grad``, adds it to ``hparam.grad`` (``stochastic``: ``fp_map`` is re-evaluated at every product).
+See [`hypergradient`][hypergrad.hypergradient] (``solver="fixed_point"``)."""
 CG = _implicit("cg")
+"""Hypergradient with the adjoint from conjugate gradient on (I - dPhi/dw)^T v = dE/dw (hypertorch's).
+
+For a symmetric positive definite I - dPhi/dw (gradient-descent maps of a convex inner loss).
+``CG(params, hparams, K, fp_map, outer_loss, tol=1e-10, set_grad=True, stochastic=False)``, arguments and
+result as in [`fixed_point`][hypergrad.fixed_point]; see [`hypergradient`][hypergrad.hypergradient]
+(``solver="cg"``)."""
 minres = _implicit("minres")
+"""Hypergradient with the adjoint from MINRES on (I - dPhi/dw)^T v = dE/dw (symmetric, possibly indefinite).
+
+``minres(params, hparams, K, fp_map, outer_loss, tol=1e-10, set_grad=True, stochastic=False)``, arguments
+and result as in [`fixed_point`][hypergrad.fixed_point]; see [`hypergradient`][hypergrad.hypergradient]
+(``solver="minres"``)."""
 gmres = _implicit("gmres")
+"""Hypergradient with the adjoint from GMRES on (I - dPhi/dw)^T v = dE/dw (any nonsingular operator).
+
+``gmres(params, hparams, K, fp_map, outer_loss, tol=1e-10, set_grad=True, stochastic=False)``, arguments
+and result as in [`fixed_point`][hypergrad.fixed_point]; see [`hypergradient`][hypergrad.hypergradient]
+(``solver="gmres"``)."""
 
 
 def CG_normaleq(params, hparams, K, fp_map, outer_loss, tol=1e-10, set_grad=True):
@@ -345,7 +375,9 @@ def neumann(params, hparams, K, fp_map, outer_loss, tol=1e-10, set_grad=True):
 
 
 cg = CG
+"""[`CG`][hypergrad.CG] under its lower-case name."""
 cg_normaleq = CG_normaleq
+"""[`CG_normaleq`][hypergrad.CG_normaleq] under its lower-case name."""
 
 
 def reverse_unroll(params, hparams, outer_loss, set_grad=True):
@@ -508,5 +540,6 @@ def grad_unused_zero(output, inputs, grad_outputs=None, retain_graph=False, crea
 
 cat_list_to_tensor = tl.flatten
 update_tensor_grads = tl.accumulate_grads
+"""``update_tensor_grads(hparams, grads)``: hparam.grad += grad for each pair, creating ``.grad`` where missing."""
 from ._hypertorch_helpers import CG_torch, cat_list_to_tensor, grd, jvp, list_dot  # noqa: E402,F401,F811
 

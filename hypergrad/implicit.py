@@ -5,12 +5,12 @@
 Fixed-point form: F(w, lambda) = w - Phi(w, lambda). Root form: F = an optimality function (the gradient of
 an inner loss, a KKT residual). Reverse mode: u = (dF/dw)^-T g, then grad_lambda = -(dF/dlambda)^T u.
 Forward mode: w_dot = -(dF/dw)^-1 (dF/dlambda) lambda_dot. Each linear solve is an autograd node of its own
-(:class:`_LinearSolve`) whose derivative is again a solve with the same operator or its transpose, so every
+(``_LinearSolve``) whose derivative is again a solve with the same operator or its transpose, so every
 order of derivative, in reverse or forward mode, is the implicit one (jaxopt PR #143), not the derivative of
 a truncated solver. Both nodes have vmap rules, so ``torch.func`` transforms (grad, vjp, jacrev, jacfwd,
 hessian, vmap) compose with them.
 
-The backward solves use the core's linear solvers (:data:`hypergrad.linear_solvers.SOLVERS`) and their
+The backward solves use the core's linear solvers ([`hypergrad.SOLVERS`][hypergrad.SOLVERS]) and their
 checks; a solve that fails raises from inside ``.backward()`` with the solver's own message.
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ class _NoAutogradGrad(TorchFunctionMode):
 
 
 def _guard():
-    """The :class:`_NoAutogradGrad` mode, entered once (nested entries would see each other's calls)."""
+    """The ``_NoAutogradGrad`` mode, entered once (nested entries would see each other's calls)."""
     active = any(isinstance(m, _NoAutogradGrad) for m in torch.overrides._get_current_function_mode_stack())
     return contextlib.nullcontext() if active else _NoAutogradGrad()
 

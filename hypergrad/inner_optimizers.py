@@ -3,7 +3,7 @@
 Same classes, step functions and signatures as hypertorch's ``hypergrad.diff_optimizers``:
 ``loss_f(params, hparams[, data])``; ``step_size`` (and ``momentum``) may be a float or a callable of
 hparams. HeavyBall and Momentum carry an auxiliary state, so their params list is ``[*params, *aux]``
-(use :meth:`get_opt_params` to build it).
+(use [`get_opt_params`][hypergrad.DifferentiableOptimizer.get_opt_params] to build it).
 
 Each step computes exactly hypertorch's floating-point operations in hypertorch's order
 (``w - step_size * g``, ...), so unrolled trajectories and their hypergradients are bitwise hypertorch's.
@@ -32,7 +32,14 @@ def _has_data(data_or_iter) -> bool:
 
 
 class DifferentiableOptimizer:
-    """Base class: ``__call__(params, hparams, create_graph=True)`` performs one differentiable step."""
+    """Base class: ``__call__(params, hparams, create_graph=True)`` performs one differentiable step.
+
+    Args:
+        loss_f: the inner loss ``loss_f(params, hparams)``, or ``loss_f(params, hparams, data)`` with data.
+        dim_mult: tensors per parameter in the params list (1 + the auxiliary states).
+        data_or_iter: None or an empty container (no data), an iterator (``next`` is drawn at every step),
+            or a fixed data object (passed at every step).
+    """
 
     def __init__(self, loss_f, dim_mult, data_or_iter=None):
         self.data_iterator = None
@@ -47,6 +54,7 @@ class DifferentiableOptimizer:
         return list(params) + [torch.zeros_like(p) for p in params for _ in range(self.dim_mult - 1)]
 
     def step(self, params, hparams, create_graph):
+        """One update of the params list (params followed by any auxiliary states); subclasses implement it."""
         raise NotImplementedError
 
     def __call__(self, params, hparams, create_graph=True) -> List[Tensor]:
@@ -57,6 +65,10 @@ class DifferentiableOptimizer:
             return self.step(params, hparams, create_graph)
 
     def get_loss(self, params, hparams) -> Tensor:
+        """The inner loss ``loss_f(params, hparams)`` (with data: ``loss_f(params, hparams, next batch)``).
+
+        The value is also kept in ``curr_loss``.
+        """
         if self.data_iterator is not None:
             self.curr_loss = self.loss_f(params, hparams, next(self.data_iterator))
         else:
@@ -69,26 +81,44 @@ def _as_fn(value):
 
 
 class GradientDescent(DifferentiableOptimizer):
-    """w <- w - s(lambda) * grad_w L(w, lambda)."""
+    """Gradient descent: w <- w - s(lambda) grad_w L(w, lambda).
+
+    Args:
+        loss_f: the inner loss L, as in [`DifferentiableOptimizer`][hypergrad.DifferentiableOptimizer].
+        step_size: s, a float or a callable of hparams.
+        data_or_iter: as in [`DifferentiableOptimizer`][hypergrad.DifferentiableOptimizer].
+    """
 
     def __init__(self, loss_f, step_size, data_or_iter=None):
         super().__init__(loss_f, dim_mult=1, data_or_iter=data_or_iter)
         self.step_size_f = _as_fn(step_size)
 
     def step(self, params, hparams, create_graph):
+        """w <- w - s(lambda) grad_w L(w, lambda) (``create_graph``: keep the step differentiable)."""
         loss = self.get_loss(params, hparams)
         sz = self.step_size_f(hparams)
         return gd_step(params, loss, sz, create_graph=create_graph)
 
 
 class HeavyBall(DifferentiableOptimizer):
-    """Polyak: (w, w_prev) <- (w - s grad + m (w - w_prev), w)."""
+    """Polyak's heavy ball: (w, w_prev) <- (w - s grad_w L + m (w - w_prev), w).
+
+    The params list is ``[*params, *previous iterates]`` (see
+    [`get_opt_params`][hypergrad.DifferentiableOptimizer.get_opt_params]).
+
+    Args:
+        loss_f: the inner loss L, as in [`DifferentiableOptimizer`][hypergrad.DifferentiableOptimizer].
+        step_size: s, a float or a callable of hparams.
+        momentum: m, a float or a callable of hparams.
+        data_or_iter: as in [`DifferentiableOptimizer`][hypergrad.DifferentiableOptimizer].
+    """
 
     def __init__(self, loss_f, step_size, momentum, data_or_iter=None):
         super().__init__(loss_f, dim_mult=2, data_or_iter=data_or_iter)
         self.step_size_f, self.momentum_f = _as_fn(step_size), _as_fn(momentum)
 
     def step(self, params, hparams, create_graph):
+        """(w, w_prev) <- (w - s grad_w L + m (w - w_prev), w) on ``[*params, *previous iterates]``."""
         n = len(params) // 2
         p, p_aux = params[:n], params[n:]
         loss = self.get_loss(p, hparams)
@@ -98,13 +128,24 @@ class HeavyBall(DifferentiableOptimizer):
 
 
 class Momentum(DifferentiableOptimizer):
-    """torch.optim.SGD momentum: (w, b) <- (w - s (m b + grad), m b + grad)."""
+    """``torch.optim.SGD``'s momentum: (w, b) <- (w - s (m b + grad_w L), m b + grad_w L).
+
+    The params list is ``[*params, *momentum buffers]`` (see
+    [`get_opt_params`][hypergrad.DifferentiableOptimizer.get_opt_params]).
+
+    Args:
+        loss_f: the inner loss L, as in [`DifferentiableOptimizer`][hypergrad.DifferentiableOptimizer].
+        step_size: s, a float or a callable of hparams.
+        momentum: m, a float or a callable of hparams.
+        data_or_iter: as in [`DifferentiableOptimizer`][hypergrad.DifferentiableOptimizer].
+    """
 
     def __init__(self, loss_f, step_size, momentum, data_or_iter=None):
         super().__init__(loss_f, dim_mult=2, data_or_iter=data_or_iter)
         self.step_size_f, self.momentum_f = _as_fn(step_size), _as_fn(momentum)
 
     def step(self, params, hparams, create_graph):
+        """(w, b) <- (w - s (m b + grad_w L), m b + grad_w L) on ``[*params, *momentum buffers]``."""
         n = len(params) // 2
         p, p_aux = params[:n], params[n:]
         loss = self.get_loss(p, hparams)
@@ -127,12 +168,12 @@ def _grads(loss, params, create_graph):
 
 
 def gd_step(params, loss, step_size, create_graph=True):
-    """[w - step_size * g]: one gradient step on ``loss`` (hypertorch's function)."""
+    """One gradient step on ``loss``: [w - step_size * g] (hypertorch's function)."""
     return [w if g is None else w - step_size * g for w, g in zip(params, _grads(loss, params, create_graph))]
 
 
 def heavy_ball_step(params, aux_params, loss, step_size, momentum, create_graph=True):
-    """([w - step_size * g + momentum * (w - v)], params) with v the previous iterate (hypertorch's)."""
+    """Heavy-ball step: ([w - step_size * g + momentum * (w - v)], params), v the previous iterate (hypertorch's)."""
     grads = _grads(loss, params, create_graph)
     return [(w if g is None else w - step_size * g) + momentum * (w - v)
             for g, w, v in zip(grads, params, aux_params)], params

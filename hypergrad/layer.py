@@ -41,13 +41,16 @@ def _evaluate(fn, ws, hs, name: str) -> List[Tensor]:
 
 
 class ImplicitLayer:
-    """w*(lambda) with F(w*, lambda) = 0, returned by :meth:`__call__` as tensors differentiable in hparams.
+    """The solution ``w*(lambda)`` of ``F(w*, lambda) = 0`` as tensors differentiable in hparams.
+
+    ``layer(params0, hparams)`` runs the forward solver from ``params0`` and returns the solution in the caller's
+    graph; its derivatives (``backward``, ``torch.func`` transforms, any order) are implicit.
 
     Args:
         optimality: F(params, hparams) -> list shaped like params, zero at the solution.
         solver: the forward solver, ``solver(params0, hparams) -> (params, ForwardInfo)`` on graph-free
-            tensors (the decorators :func:`custom_root` and :func:`custom_fixed_point` take a plain
-            ``solver(params0, hparams) -> params``).
+            tensors (the decorators [`custom_root`][hypergrad.custom_root] and
+            [`custom_fixed_point`][hypergrad.custom_fixed_point] take a plain ``solver(params0, hparams) -> params``).
         backward_solver: a core solver for the adjoint (dF/dw)^T u = g: "gmres" (any operator, the default),
             "cg" (symmetric positive definite dF/dw: gradient maps, optimality = gradient of a convex loss),
             "minres", "fixed_point", "neumann", "cg_normaleq" or "dense".
@@ -56,12 +59,14 @@ class ImplicitLayer:
             when neither tolerance is given).
         backward_rtol: its relative tolerance (see ``backward_tol``).
         warm_start: start each first-order adjoint solve from the previous one (same shapes).
-        strict: a backward solve that does not converge raises :class:`ConvergenceError` (else warns).
+        strict: a backward solve that does not converge raises [`ConvergenceError`][hypergrad.ConvergenceError] (else
+            warns).
         backward_options: more options of the backward solver (``restart``, ``check_every``, ...).
+        name: the name of ``optimality`` in error messages.
 
-    After a call, ``forward_info`` is the forward solve's :class:`ForwardInfo` (under vmap: a list, one per
-    task); after a first-order backward pass outside vmap,
-    ``backward_info`` is the last adjoint solve's :class:`SolveInfo` and ``adjoint`` its solution.
+    After a call, ``forward_info`` is the forward solve's [`ForwardInfo`][hypergrad.ForwardInfo] (under vmap: a list,
+    one per task); after a first-order backward pass outside vmap,
+    ``backward_info`` is the last adjoint solve's [`SolveInfo`][hypergrad.SolveInfo] and ``adjoint`` its solution.
     """
 
     def __init__(self, optimality, solver, *, backward_solver: str = "gmres", backward_maxiter: int = 200,
@@ -108,12 +113,20 @@ class ImplicitLayer:
 
     # called by the backward nodes
     def warm_adjoint(self, b: Sequence[Tensor]) -> Optional[List[Tensor]]:
+        """The start of the next adjoint solve for right-hand side ``b``: the last ``adjoint``, if usable.
+
+        None when unset or not of ``b``'s shapes and dtype. Called by the backward pass under ``warm_start``.
+        """
         prev = self.adjoint
         if prev is None or [t.shape for t in prev] != [t.shape for t in b] or prev[0].dtype != b[0].dtype:
             return None
         return prev
 
     def record_backward(self, info: SolveInfo, x: Sequence[Tensor]) -> None:
+        """Keep an adjoint solve's ``info`` and (detached) solution ``x`` as ``backward_info`` and ``adjoint``.
+
+        Called by the first-order backward pass.
+        """
         self.backward_info, self.adjoint = info, [t.detach() for t in x]
 
 
@@ -180,11 +193,21 @@ def _checked(fn, name: str, ws, hs) -> List[Tensor]:
 
 
 class FixedPointLayer(ImplicitLayer):
-    """w* = fp_map(w*, hparams), found from ``params0`` by ``solver`` ("anderson" or "fixed_point"; options in
-    ``solver_options``: ``maxiter``, ``tol``, ``rtol``, ``memory``, ``beta``, ...), differentiable in hparams.
+    """The fixed point ``w* = fp_map(w*, hparams)`` as tensors differentiable in hparams.
 
-    The forward solver's stopping rule (per-tensor relative, see :mod:`hypergrad.forward_solvers`) decides when
-    the solution is a fixed point. The other arguments are :class:`ImplicitLayer`'s.
+    ``layer(params0, hparams)`` finds it from ``params0`` with a forward solver of
+    [`FORWARD_SOLVERS`][hypergrad.FORWARD_SOLVERS], whose stopping rule (per-tensor relative) decides when the
+    solution is a fixed point.
+
+    Args:
+        fp_map: Phi(params, hparams) -> list shaped like params.
+        solver: "anderson" ([`anderson`][hypergrad.anderson]) or "fixed_point"
+            ([`fixed_point_iteration`][hypergrad.fixed_point_iteration]).
+        maxiter: the forward solver's iteration limit.
+        tol: its absolute tolerance.
+        rtol: its per-tensor relative tolerance (neither given: ``default_rtol(dtype)``).
+        solver_options: its other options (``memory``, ``beta``, ``regularization``, ...).
+        **backward: [`ImplicitLayer`][hypergrad.ImplicitLayer]'s keywords (``backward_solver``, ``strict``, ...).
     """
 
     def __init__(self, fp_map: FpMap, solver: str = "anderson", *, maxiter: int = 1000, tol: Optional[float] = None,
@@ -213,10 +236,19 @@ def _fixed_point_residual(fp_map, ws, hs) -> List[Tensor]:
 
 
 def custom_fixed_point(fp_map: FpMap, *, fixed_point_tol: Optional[float] = None, **backward):
-    """Decorator: ``custom_fixed_point(fp_map)(solver)`` is ``solver`` with implicit derivatives, for a solver
-    ``solver(params0, hparams) -> params`` that returns a fixed point of ``fp_map``. The solution is checked
-    as the core checks params: a :class:`FixedPointWarning` above 1e-3 relative residual (float32: 1.2e-2),
-    :class:`NotAFixedPointError` above ``fixed_point_tol`` if given."""
+    """Decorator: ``custom_fixed_point(fp_map)(solver)`` is ``solver`` with implicit derivatives.
+
+    For a solver ``solver(params0, hparams) -> params`` that returns a fixed point of ``fp_map``. The solution
+    is checked as the core checks params: a [`FixedPointWarning`][hypergrad.FixedPointWarning] above 1e-3
+    relative residual (float32: 1.2e-2), [`NotAFixedPointError`][hypergrad.NotAFixedPointError] above
+    ``fixed_point_tol`` if given. The decorated solver's ``.layer`` is its
+    [`ImplicitLayer`][hypergrad.ImplicitLayer] (with the diagnostics).
+
+    Args:
+        fp_map: Phi(params, hparams) -> list shaped like params.
+        fixed_point_tol: the largest accepted relative fixed-point residual (None: warn only).
+        **backward: [`ImplicitLayer`][hypergrad.ImplicitLayer]'s keywords (``backward_solver``, ``strict``, ...).
+    """
     def wrap(solver: Solver) -> ImplicitLayer:
         def forward(w0, hs):
             w = _run_user_solver(solver, w0, hs)
@@ -230,10 +262,18 @@ def custom_fixed_point(fp_map: FpMap, *, fixed_point_tol: Optional[float] = None
 
 
 def custom_root(optimality_fn: FpMap, *, root_tol: Optional[float] = None, **backward):
-    """Decorator: ``custom_root(optimality_fn)(solver)`` is ``solver`` with implicit derivatives, for a solver
-    ``solver(params0, hparams) -> params`` with optimality_fn(params, hparams) = 0 at its output (jaxopt's
-    ``custom_root``). ``root_tol``: the largest accepted ||F(w)|| / max(||F(params0)||, tiny)
-    (:class:`NotAFixedPointError` above it); None: a :class:`FixedPointWarning` above 1e-3."""
+    """Decorator: ``custom_root(optimality_fn)(solver)`` is ``solver`` with implicit derivatives (jaxopt's).
+
+    For a solver ``solver(params0, hparams) -> params`` with optimality_fn(params, hparams) = 0 at its output.
+    The decorated solver's ``.layer`` is its [`ImplicitLayer`][hypergrad.ImplicitLayer] (with the diagnostics).
+
+    Args:
+        optimality_fn: F(params, hparams) -> list shaped like params, zero at the solution.
+        root_tol: the largest accepted ||F(w)|| / ||F(params0)||
+            ([`NotAFixedPointError`][hypergrad.NotAFixedPointError] above it); None: a
+            [`FixedPointWarning`][hypergrad.FixedPointWarning] above 1e-3 (float32: 1.2e-2).
+        **backward: [`ImplicitLayer`][hypergrad.ImplicitLayer]'s keywords (``backward_solver``, ``strict``, ...).
+    """
     def wrap(solver: Solver) -> ImplicitLayer:
         def forward(w0, hs):
             r0 = float(tl.norm(_evaluate(optimality_fn, w0, hs, "optimality_fn(params, hparams)")))
@@ -283,5 +323,9 @@ def _check_root(r: float, rel: float, root_tol: Optional[float], dtype) -> None:
 
 
 def fixed_point_solve(fp_map: FpMap, params0: Sequence[Tensor], hparams: Sequence[Tensor], **options) -> List[Tensor]:
-    """``FixedPointLayer(fp_map, **options)(params0, hparams)``: the fixed point, differentiable in hparams."""
+    """The fixed point of ``fp_map`` from ``params0``, differentiable in hparams.
+
+    ``FixedPointLayer(fp_map, **options)(params0, hparams)``; ``options`` are
+    [`FixedPointLayer`][hypergrad.FixedPointLayer]'s.
+    """
     return FixedPointLayer(fp_map, **options)(params0, hparams)

@@ -59,6 +59,7 @@ def resolve_tolerances(tol: Optional[float], rtol: Optional[float], dtype: torch
 @dataclass
 class SolveInfo:
     """What a solve did: ``iterations`` (operator products), final ``residual`` norm, ``converged``.
+
     For a batch of systems each is a tensor of shape [B], one entry per system."""
     solver: str
     iterations: Union[int, Tensor]
@@ -372,7 +373,7 @@ def _read(x) -> float:
 
 
 class _ScalarMonitor:
-    """:class:`_Monitor` for the single-system solvers (MINRES, GMRES) with host-float residuals."""
+    """``_Monitor`` for the single-system solvers (MINRES, GMRES) with host-float residuals."""
 
     def __init__(self, name: str, b, r0, tol, rtol, check_every, divergence_factor, cold: bool):
         rows = [t.detach().reshape(1, -1) for t in b]
@@ -405,8 +406,8 @@ def solve_fixed_point(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: Op
     """Richardson iteration x <- x + (b - A x), i.e. v <- J^T v + b for A = I - J^T.
 
     ``residual`` is the last change ||x_{k+1} - x_k|| = ||b - A x_k|| (hypertorch's stopping rule).
-    It converges iff the spectral radius of J is < 1; a residual that grows :data:`CONTRACTION_GROWTH`
-    times above its smallest value, or ends above its start, raises :class:`DivergenceError`.
+    It converges iff the spectral radius of J is < 1; a residual that grows ``CONTRACTION_GROWTH``
+    times above its smallest value, or ends above its start, raises [`DivergenceError`][hypergrad.DivergenceError].
     """
     return _richardson("fixed_point", False, matvec, b, x0, maxiter, tol, rtol, check_every, divergence_factor,
                        batched)
@@ -428,7 +429,8 @@ class _Contraction:
     system, read on check iterations. During the run: a residual that grew at 10 checks in a row to
     CONTRACTION_GROWTH times its smallest value (a non-normal contraction's transient growth is brief). Out of
     iterations and not converged: a residual above its start, or grown at the last ``run`` checks in a row
-    above 10 ``floor`` (rounding noise does not grow that long). Both raise :class:`DivergenceError`."""
+    above 10 ``floor`` (rounding noise does not grow that long). Both raise
+    [`DivergenceError`][hypergrad.DivergenceError]."""
 
     def __init__(self, mon: _Monitor, name: str, hint: str, maxiter: int, every: int):
         self.mon, self.R, self.name, self.hint = mon, mon.R, name, hint
@@ -506,10 +508,11 @@ def solve_cg(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: Optional[fl
 
     Checks (each raises instead of returning a wrong number): symmetry, from the recurrence's own vectors,
     |<p_{k-1}, A p_k> - <A p_{k-1}, p_k>| <= ~1e4 eps (||p_{k-1}|| (||p_k|| + ||A p_k||) + ...) else
-    :class:`BreakdownError` naming gmres; ||A p|| / ||p|| at the rounding level of ||A|| while the residual
-    is large: :class:`SingularSystemError`; p^T A p = 0 (breakdown): :class:`BreakdownError` naming minres;
-    p^T A p < 0 (indefinite A) without convergence: a warning (the result is a truncated approximation).
-    ``check_symmetry=False`` for operators that change between products (stochastic maps).
+    [`BreakdownError`][hypergrad.BreakdownError] naming gmres; ||A p|| / ||p|| at the rounding level of ||A|| while the
+    residual is large: [`SingularSystemError`][hypergrad.SingularSystemError]; p^T A p = 0 (breakdown):
+    [`BreakdownError`][hypergrad.BreakdownError] naming minres; p^T A p < 0 (indefinite A) without convergence: a
+    warning (the result is a truncated approximation). ``check_symmetry=False`` for operators that change between
+    products (stochastic maps).
     """
     R, matvec, b, x0 = _as_rows(matvec, b, x0, batched)
     x, r, its = _start(matvec, b, x0)
@@ -645,9 +648,10 @@ def solve_minres(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: Optiona
 
     One product per iteration; minimizes ||b - A x|| over the Krylov space. Symmetry is checked on the
     way (the Lanczos relation <v_{k-1}, A v_k> = beta_k) and the result is confirmed by one true
-    residual; a non-symmetric operator raises :class:`BreakdownError`. On a singular A the Lanczos process
-    ends (beta ~ 0) on an invariant subspace: x is then the least-squares solution, returned when the
-    system is consistent (residual below tolerance) and :class:`SingularSystemError` otherwise.
+    residual; a non-symmetric operator raises [`BreakdownError`][hypergrad.BreakdownError]. On a singular A the Lanczos
+    process ends (beta ~ 0) on an invariant subspace: x is then the least-squares solution, returned when the
+    system is consistent (residual below tolerance) and [`SingularSystemError`][hypergrad.SingularSystemError]
+    otherwise.
     """
     S = _Scalars(b)
     x0 = None if x0 is None else tl.check_like(x0, b, "v0 (warm start)", "the adjoint")
@@ -786,7 +790,7 @@ def _hessenberg_lstsq(H: Tensor, beta: Tensor) -> Tuple[Tensor, Tensor]:
 def solve_dense(matvec: MatVec, b, x0=None, *, maxiter: Optional[int] = None, tol: Optional[float] = None,
                 rtol: Optional[float] = None, matmat: Optional[Callable[[], Optional[Tensor]]] = None):
     """Materialize A (``matmat()``, e.g. one batched product; else n products) and solve it by
-    :func:`solve_matrix`. For small systems only (n up to a few thousand)."""
+    ``solve_matrix``. For small systems only (n up to a few thousand)."""
     if x0 is not None:  # a direct solve needs no start, but a bad one is still the caller's error
         tl.check_finite(tl.check_like(x0, b, "v0 (warm start)", "the adjoint"), ["v0 (warm start)"] * len(b))
     flat_b = tl.flatten(b)
@@ -805,8 +809,8 @@ def solve_dense(matvec: MatVec, b, x0=None, *, maxiter: Optional[int] = None, to
 def solve_matrix(A: Tensor, b, *, tol: Optional[float] = None, rtol: Optional[float] = None):
     """x = A^-1 b by LU, for an explicit n x n matrix A and b a list of tensors (n entries in all).
 
-    Raises :class:`SingularSystemError` when the 1-norm condition number (Hager's estimate from the LU
-    factors, O(n^2)) is >= 1 / (n eps). Differentiable when A or b carry a graph (second order).
+    Raises [`SingularSystemError`][hypergrad.SingularSystemError] when the 1-norm condition number (Hager's estimate
+    from the LU factors, O(n^2)) is >= 1 / (n eps). Differentiable when A or b carry a graph (second order).
     """
     flat_b = tl.flatten(b)
     n = flat_b.numel()
@@ -883,7 +887,7 @@ def solve_cg_normaleq(matvec: MatVec, b, x0=None, *, maxiter: int = 100, tol: Op
 
 def one_vector(solve: Callable) -> Callable:
     """``solve`` iterating on one flat vector when a system has several tensors of one dtype and device
-    (:func:`hypergrad.tensor_list.pack`; a batch, ``batched=True``, on one [B, N] tensor): an iteration then
+    (``hypergrad.tensor_list.pack``; a batch, ``batched=True``, on one [B, N] tensor): an iteration then
     costs O(1) tensor operations whatever the number of tensors; ``matvec`` (and ``rmatvec``) still see and
     return the tensors themselves, and the solution comes back shaped like ``b``."""
 
@@ -906,7 +910,6 @@ def one_vector(solve: Callable) -> Callable:
     return run
 
 
-#: every solver by name, each on one flat vector for a single system of several tensors (:func:`one_vector`)
 SOLVERS: Dict[str, Callable] = {name: one_vector(fn) for name, fn in {
     "fixed_point": solve_fixed_point,
     "neumann": solve_neumann,
@@ -916,3 +919,8 @@ SOLVERS: Dict[str, Callable] = {name: one_vector(fn) for name, fn in {
     "gmres": solve_gmres,
     "dense": solve_dense,
 }.items()}
+"""The linear solvers of the adjoint system by name (the ``solver`` of [`hypergradient`][hypergrad.hypergradient]).
+
+"fixed_point", "neumann", "cg", "cg_normaleq", "minres", "gmres" and "dense", each
+``solve(matvec, b, x0=None, *, maxiter, tol, rtol, ...) -> (x, SolveInfo)`` on lists of tensors, iterating
+on one flat vector when a system has several tensors of one dtype and device."""

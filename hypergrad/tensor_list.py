@@ -68,7 +68,7 @@ def flatten(xs: Sequence[Tensor]) -> Tensor:
 
 
 def unflatten(vec: Tensor, like: Sequence[Tensor]) -> TensorList:
-    """Split a vector into tensors shaped like ``like`` (inverse of :func:`flatten`)."""
+    """Split a vector into tensors shaped like ``like`` (inverse of ``flatten``)."""
     out, i = [], 0
     for t in like:
         n = t.numel()
@@ -84,7 +84,7 @@ def pack(xs: Sequence[Tensor], rows: bool = False) -> TensorList:
 
 
 def unpack(xs: Sequence[Tensor], shapes: Sequence[torch.Size], rows: bool = False) -> TensorList:
-    """The inverse of :func:`pack`: views of the one tensor ``xs[0]`` shaped like ``shapes`` (after the
+    """The inverse of ``pack``: views of the one tensor ``xs[0]`` shaped like ``shapes`` (after the
     leading B with ``rows``)."""
     parts = xs[0].split([math.prod(s) for s in shapes], 1 if rows else 0)
     return [v.reshape(v.shape[0], *s) if rows else v.view(s) for v, s in zip(parts, shapes)]
@@ -151,7 +151,7 @@ def _max_abs_each(xs: Sequence[Tensor]) -> Optional[Tensor]:
 
 
 def assert_finite(xs: Sequence[Tensor], what: str) -> None:
-    """Raise :class:`NonFiniteError` naming ``what`` if any entry is NaN or Inf (one host sync)."""
+    """Raise [`NonFiniteError`][hypergrad.NonFiniteError] naming ``what`` if any entry is NaN or Inf (one host sync)."""
     if not xs:
         return
     m = _max_abs_each(xs)
@@ -198,7 +198,7 @@ def check_inputs(params, hparams, name: str = "params"):
 
 
 def check_finite(xs: Sequence[Tensor], names: Sequence[str]) -> None:
-    """Raise :class:`NonFiniteError` naming the first tensor with NaN or Inf (one host read)."""
+    """Raise [`NonFiniteError`][hypergrad.NonFiniteError] naming the first tensor with NaN or Inf (one host read)."""
     m = _max_abs_each(xs)
     ok = [math.isfinite(v) for v in m.tolist()] if m is not None else finite_each(xs).tolist()
     for good, n in zip(ok, names):
