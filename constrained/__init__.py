@@ -3,8 +3,9 @@
     y*(x) = argmin_y g(x, y)  s.t.  p(x, y) <= 0,  q(x, y) = 0          (Xu & Zhu, AAAI 2023)
 
 ``hypergradient(problem, params, hparams, outer_loss, mu, nu)`` differentiates ``outer_loss`` through
-y*(x) given a primal-dual solution (from :func:`solve_cvxpy`, a :class:`DualLayer` batch, or any solver).
-Built on :mod:`hypergrad`'s linear solvers (dense / MINRES for the symmetric indefinite KKT matrix).
+y*(x) given a primal-dual solution (from [`solve_cvxpy`][constrained.solve_cvxpy], a
+[`DualLayer`][constrained.DualLayer] batch, or any solver). Built on ``hypergrad``'s linear solvers (dense / MINRES for
+the symmetric indefinite KKT matrix).
 """
 from hypergrad._version import __version__
 from .batch import BatchResult, batch_hypergradient

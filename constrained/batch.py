@@ -22,7 +22,10 @@ from .problem import ConstrainedProblem
 
 @dataclass
 class BatchResult:
-    """``grads`` (one per hparam), adjoint ``v``, one KKT report per element, solver diagnostics."""
+    """The result of [`batch_hypergradient`][constrained.batch_hypergradient].
+
+    ``grads`` (one per hparam), adjoint ``v``, one KKT report per element (``reports``), solver diagnostics.
+    """
     grads: List[Tensor]
     v: List[Tensor]
     reports: List[KKTReport]
@@ -43,12 +46,21 @@ def batch_hypergradient(problem: ConstrainedProblem, params: Sequence[Tensor], h
                         with_multipliers: bool = False, set_grad: bool = True, vectorize: bool = True,
                         dense_max: int = 1500, active_rtol: float = 1e-6, active_atol: float = 1e-12,
                         kkt_tol: Optional[float] = 1e-5) -> BatchResult:
-    """Hypergradient of ``outer_loss(params, hparams)`` (a scalar over the whole batch) through B inner
-    problems: ``params[i]`` has shape (B, ...), ``mu`` (B, m), ``nu`` (B, k); ``problem``'s callables
-    describe one element. ``hparams_batched[j]`` says whether ``hparams[j]`` has the batch as its first
-    dimension (else it is shared by all elements). ``vectorize`` evaluates the elements with
-    ``torch.func.vmap`` (a Python loop otherwise). Other arguments as in :func:`constrained.hypergradient`;
-    with ``with_multipliers`` the loss gets ``(params, hparams, mu, nu)`` batched.
+    """Hypergradient of ``outer_loss(params, hparams)`` through B inner problems, each with its own active set.
+
+    ``problem``'s callables describe one element; one masked KKT map covers the batch. The arguments not
+    listed are those of [`constrained.hypergradient`][constrained.hypergradient].
+
+    Args:
+        params: the B solutions, ``params[i]`` of shape (B, ...).
+        hparams: the outer variables, batched or shared (see ``hparams_batched``).
+        outer_loss: a scalar over the whole batch; with ``with_multipliers`` it gets
+            ``(params, hparams, mu, nu)``, batched.
+        mu: the inequality multipliers, shape (B, m).
+        nu: the equality multipliers, shape (B, k).
+        hparams_batched: one flag per hparam: True when it has the batch as its first dimension, False when
+            it is shared by all elements.
+        vectorize: evaluate the elements with ``torch.func.vmap`` (a Python loop otherwise).
     """
     if solver not in SOLVERS:
         pick_solver(solver, 0, True, 0)

@@ -48,7 +48,9 @@ def _cvxpy_error(e: Exception, problem: cp.Problem, doing: str) -> CvxpyProblemE
 
 @dataclass
 class CvxpySolution:
-    """``params`` (one tensor per cvxpy variable), ``mu``/``nu`` (duals of ``ineq``/``eq``, flattened,
+    """The result of [`solve_cvxpy`][constrained.solve_cvxpy]: a primal-dual solution as torch tensors.
+
+    ``params`` (one tensor per cvxpy variable), ``mu``/``nu`` (duals of ``ineq``/``eq``, flattened,
     None without such constraints), the cvxpy ``status`` and ``value``, and the KKT ``report`` of the
     torch-side problem at this solution (None when no torch problem was given)."""
     params: List[Tensor]
@@ -134,14 +136,29 @@ def solve_cvxpy(problem: cp.Problem, parameters: Sequence[cp.Parameter], values:
                 **solve_kwargs) -> CvxpySolution:
     """Solve ``problem`` with ``parameters`` set to ``values``; return the primal solution and the duals.
 
-    Raises :class:`InnerSolveError` (with ``.status``) unless cvxpy reports an optimal solution.
+    Raises [`InnerSolveError`][constrained.InnerSolveError] (with ``.status``) unless cvxpy reports an optimal solution.
     With ``torch_problem``, checks it against the cvxpy problem at the solution and ``hparams`` (default:
     ``values``; otherwise ``values`` should be computed from ``hparams`` with autograd): its ``ineq``/``eq``
     must equal the cvxpy constraints' ``expr`` values, and (``check_derivatives``) its autograd derivatives
-    in y and x must match central differences of the cvxpy expressions (see :mod:`constrained.model_check`),
-    else :class:`ModelMismatchError`. Then (y, mu, nu) must be a KKT point of it to relative tolerance
-    ``check_tol``, else :class:`InaccurateSolveError` (the models agree: the solve is inaccurate).
-    cvxpy's own refusals (DCPError, DPPError, ...) raise :class:`CvxpyProblemError`.
+    in y and x must match central differences of the cvxpy expressions (see ``constrained.model_check``),
+    else [`ModelMismatchError`][constrained.ModelMismatchError]. Then (y, mu, nu) must be a KKT point of it to relative
+    tolerance ``check_tol``, else [`InaccurateSolveError`][constrained.InaccurateSolveError] (the models agree: the
+    solve is inaccurate). cvxpy's own refusals (DCPError, DPPError, ...) raise
+    [`CvxpyProblemError`][constrained.CvxpyProblemError].
+
+    Args:
+        problem: the cvxpy problem (DCP; its variables without sign or bound attributes).
+        parameters: its cvxpy parameters, in the order of ``values``.
+        values: one tensor per parameter (its shape).
+        variables: the cvxpy variables returned as ``params``, in this order.
+        ineq: the inequality constraints in the order of ``mu`` (default: the problem's, by type and order).
+        eq: the equality constraints in the order of ``nu`` (default: likewise).
+        torch_problem: the torch model of the same problem, to check at the solution.
+        hparams: the torch-side hparams of ``torch_problem`` (default: ``values``).
+        check_tol: the relative tolerance of the model and KKT checks.
+        check_derivatives: also compare the models' derivatives in y and x.
+        solver: the cvxpy solver's name.
+        **solve_kwargs: more arguments of ``problem.solve``.
     """
     ineq, eq = split_constraints(problem, ineq, eq)
     _check_variables(variables)
@@ -195,10 +212,27 @@ def check_values(torch_problem: ConstrainedProblem, params, hparams, p_cvx, q_cv
 def check_model(torch_problem: ConstrainedProblem, problem: cp.Problem, parameters, values, variables, params,
                 mu=None, nu=None, *, ineq=None, eq=None, hparams=None, tol: float = 1e-5,
                 derivatives: bool = True) -> KKTReport:
-    """Check ``torch_problem`` against the cvxpy ``problem`` at the primal-dual point (params, mu, nu) and the
-    parameter ``values`` (torch side: ``hparams``, default ``values``): constraint values, derivatives in y
-    and x (:mod:`constrained.model_check`), then the KKT conditions. A disagreement of the models raises
-    :class:`ModelMismatchError`; a KKT failure of agreeing models :class:`InaccurateSolveError`."""
+    """Check ``torch_problem`` against the cvxpy ``problem`` at a primal-dual point; returns its KKT report.
+
+    Compares constraint values, derivatives in y and x (``constrained.model_check``), then the KKT
+    conditions. A disagreement of the models raises [`ModelMismatchError`][constrained.ModelMismatchError];
+    a KKT failure of agreeing models [`InaccurateSolveError`][constrained.InaccurateSolveError].
+
+    Args:
+        torch_problem: the torch model.
+        problem: the cvxpy problem.
+        parameters: its cvxpy parameters.
+        values: their values (tensors).
+        variables: its cvxpy variables, in the order of ``params``.
+        params: the primal point y, one tensor per variable.
+        mu: the duals of ``ineq``, flattened.
+        nu: the duals of ``eq``, flattened.
+        ineq: the inequality constraints in the order of ``mu`` (default: the problem's, by type and order).
+        eq: the equality constraints in the order of ``nu`` (default: likewise).
+        hparams: the torch-side hparams (default: ``values``).
+        tol: the relative tolerance of the checks.
+        derivatives: also compare the derivatives in y and x.
+    """
     ineq, eq = split_constraints(problem, ineq, eq)
     _check_variables(variables)
     _set_parameters(parameters, values)
@@ -242,7 +276,9 @@ def _inaccurate(e: KKTError, problem: cp.Problem, tol: float, compared: bool) ->
 
 @dataclass
 class LayerSolution:
-    """``params`` (batch + variable shape each), ``mu`` (batch + (m,)), ``nu`` (batch + (k,)), all
+    """What a [`DualLayer`][constrained.DualLayer] returns: the primal variables and the duals, batched.
+
+    ``params`` (batch + variable shape each), ``mu`` (batch + (m,)), ``nu`` (batch + (k,)), all
     differentiable through cvxpylayers' own derivative (the reference)."""
     params: List[Tensor]
     mu: Optional[Tensor]
@@ -250,10 +286,24 @@ class LayerSolution:
 
 
 class DualLayer:
-    """A ``CvxpyLayer`` returning the primal variables and the duals of ``ineq``/``eq`` (cvxpylayers >= 1.2
-    returns a constraint's dual when given ``constraint.dual_variables[0]``). Solver arguments default to
-    SCS at eps = 1e-10. With ``torch_problem`` (whose hparams are the layer's parameter values), every
-    solution (each batch element) is checked against the cvxpy model like :func:`solve_cvxpy` does."""
+    """A ``CvxpyLayer`` returning the primal variables and the duals of ``ineq``/``eq``.
+
+    cvxpylayers >= 1.2 returns a constraint's dual when given ``constraint.dual_variables[0]``. Calling the
+    layer with the parameter values (optionally batched, and ``solver_args=``) returns a
+    [`LayerSolution`][constrained.LayerSolution]. With ``torch_problem`` (whose hparams are the layer's
+    parameter values), every solution (each batch element) is checked against the cvxpy model like
+    [`solve_cvxpy`][constrained.solve_cvxpy] does.
+
+    Args:
+        problem: the cvxpy problem (DPP).
+        parameters: its cvxpy parameters, in the order of the call's values.
+        variables: the cvxpy variables returned as ``params``.
+        ineq: the inequality constraints in the order of ``mu`` (default: the problem's, by type and order).
+        eq: the equality constraints in the order of ``nu`` (default: likewise).
+        solver_args: the layer's solver arguments (default: SCS at eps = 1e-10).
+        torch_problem: the torch model to check every solution against.
+        check_tol: the relative tolerance of those checks.
+    """
 
     def __init__(self, problem: cp.Problem, parameters: Sequence[cp.Parameter], variables: Sequence[cp.Variable],
                  *, ineq=None, eq=None, solver_args: Optional[Dict[str, Any]] = None,
@@ -297,7 +347,10 @@ class DualLayer:
         return sol
 
     def check(self, values: Sequence[Tensor], sol: LayerSolution, batch: Tuple[int, ...]) -> None:
-        """:func:`check_model` on each element (a batched value has the batch in front of its parameter shape)."""
+        """[`check_model`][constrained.check_model] on each batch element of the solution ``sol``.
+
+        A batched value in ``values`` has the batch shape ``batch`` in front of its parameter's shape.
+        """
         n = int(np.prod(batch)) if batch else 1
 
         def element(t: Optional[Tensor], b: int, own_dims: int) -> Optional[Tensor]:

@@ -17,8 +17,9 @@ class InnerSolveError(ConstrainedError):
 
 
 class InaccurateSolveError(InnerSolveError):
-    """The solver returned a point that is not a KKT point to the tolerance although the torch model agrees
-    with the cvxpy model (values and derivatives): the solve is inaccurate; ``residuals`` has the measured
+    """The solver returned a point that is not a KKT point to the tolerance: the solve is inaccurate.
+
+    The torch model agrees with the cvxpy model (values and derivatives); ``residuals`` has the measured
     KKT residuals. Tighten the solver's tolerances."""
 
     def __init__(self, message: str, status: Optional[str], residuals: Optional[dict] = None):
@@ -27,13 +28,16 @@ class InaccurateSolveError(InnerSolveError):
 
 
 class CvxpyProblemError(ConstrainedError):
-    """cvxpy refused the problem while building or solving it (not DCP / DPP, a parameter value outside its
-    declared set, ...); the message names the problem and the fix, the cvxpy error is the ``__cause__``."""
+    """cvxpy refused the problem while building or solving it.
+
+    Not DCP / DPP, a parameter value outside its declared set, ...; the message names the problem and the
+    fix, the cvxpy error is the ``__cause__``."""
 
 
 class KKTError(ConstrainedError):
-    """The given primal-dual pair is not a KKT point (stationarity, feasibility, sign of the multipliers
-    or complementarity fails beyond the tolerance), so the implicit function theorem does not apply.
+    """The given primal-dual pair is not a KKT point, so the implicit function theorem does not apply.
+
+    Stationarity, feasibility, the sign of the multipliers or complementarity fails beyond the tolerance.
     ``residuals``: the measured KKT residuals (stationarity, stationarity_rel, primal_feasibility, ...)."""
 
     def __init__(self, message: str, residuals: Optional[dict] = None):
@@ -42,8 +46,9 @@ class KKTError(ConstrainedError):
 
 
 class DegenerateConstraintError(KKTError):
-    """A constraint has multiplier and slack both ~0 (strict complementarity fails) and the policy is
-    ``degenerate="error"``: the solution map has only one-sided derivatives there."""
+    """A constraint has multiplier and slack both ~0 (strict complementarity fails) under ``degenerate="error"``.
+
+    The solution map has only one-sided derivatives there."""
 
 
 class ModelMismatchError(ConstrainedError):
@@ -55,8 +60,10 @@ class DegenerateConstraintWarning(UserWarning):
 
 
 class LICQWarning(UserWarning):
-    """The gradients of the active and equality constraints are linearly dependent (LICQ fails): the
-    multipliers are not unique, the KKT matrix is singular; the primal part of the derivative still is."""
+    """The gradients of the active and equality constraints are linearly dependent (LICQ fails).
+
+    The multipliers are not unique and the KKT matrix is singular; the primal part of the derivative still
+    is unique."""
 
 
 class NotConvergedWarning(UserWarning):

@@ -1,13 +1,14 @@
 """Hypergradients through a constrained inner problem, by the core's solvers on the KKT map.
 
-With w = [y, mu_A, nu] and Phi = w - eta grad_w L (see :mod:`constrained.kkt`), the adjoint solves
+With w = [y, mu_A, nu] and Phi = w - eta grad_w L (see ``constrained.kkt``), the adjoint solves
 eta K v = grad_w E and the result is grad_x E + (d_x Phi)^T v = grad_x E - (d_x grad_w L)^T K^-1 grad_w E.
 For a QP lower level (g = 1/2 y'Qy + (c + Bx)'y, p = Gy - h - Ex, q = Ay - b - Fx) this is
 grad_x E - B'v_y + E_A'v_mu + F'v_nu with K v = grad_w E.
 
-Two ways to apply K, both solved by the core's linear solvers (:data:`hypergrad.SOLVERS`):
-- matrix-free: :func:`hypergrad.hypergradient` on the map, one Hessian-vector product (a VJP through
-  Phi) per iteration; memory O(size of w). Used for large systems.
+Two ways to apply K, both solved by the core's linear solvers ([`hypergrad.SOLVERS`][hypergrad.SOLVERS]):
+
+- matrix-free: [`hypergrad.hypergradient`][hypergrad.hypergradient] on the map, one Hessian-vector product (a VJP
+  through Phi) per iteration; memory O(size of w). Used for large systems.
 - materialized: K is built once (``torch.func``), after which a product is one dense mat-vec, and
   "dense" is one LU solve with a condition estimate (the core's dense solver checks singularity by an
   SVD, about ten times the cost of the LU). Much faster for small and medium systems.
@@ -33,7 +34,9 @@ SOLVERS = ("auto", "dense", "minres", "cg", "cg_normaleq")
 
 @dataclass
 class ConstrainedResult:
-    """``grads`` (one per hparam), the adjoint ``v`` (w-shaped), the KKT ``report``, the solver used,
+    """The result of [`constrained.hypergradient`][constrained.hypergradient].
+
+    ``grads`` (one per hparam), the adjoint ``v`` (w-shaped), the KKT ``report``, the solver used,
     its ``iterations``, final ``residual`` and ``converged`` flag."""
     grads: List[Tensor]
     v: List[Tensor]

@@ -46,8 +46,9 @@ class KKTReport:
     ``active``/``inactive``/``degenerate``: indices into the inequalities (after the policy, a
     degenerate index is also in ``active`` ("keep") or ``inactive`` ("drop")). Residuals are absolute
     except ``stationarity_rel`` = ||grad_y L|| / (||grad_y g|| + ||J_p^T mu|| + ||J_q^T nu||). ``accuracy`` is
-    the point's natural KKT residual delta (see the module docstring); ``tau_mu``/``tau_slack`` the force and
-    distance below which a constraint's multiplier and slack count as ~0 (both: degenerate).
+    the point's natural KKT residual delta (see the docstring of the module ``constrained.kkt``);
+    ``tau_mu``/``tau_slack`` the force and distance below which a constraint's multiplier and slack count as ~0 (both:
+    degenerate).
     """
     n_ineq: int
     n_eq: int
@@ -68,6 +69,7 @@ class KKTReport:
     accuracy: float = 0.0
 
     def summary(self) -> str:
+        """A one-line account: active/degenerate counts, LICQ, and the residuals and accuracy."""
         return (f"{len(self.active)}/{self.n_ineq} active inequalities, {self.n_eq} equalities, "
                 f"{len(self.degenerate)} degenerate ({self.policy}), LICQ {'holds' if self.licq else 'FAILS'}; "
                 f"stationarity {self.stationarity:.2e} (rel {self.stationarity_rel:.2e}), feasibility "
@@ -77,8 +79,11 @@ class KKTReport:
 
 @dataclass
 class KKTMap:
-    """The fixed-point map ``fp_map(w, hparams)``, its fixed point ``w = params + [mu_A] + [nu]`` and the
-    ``report``. ``unpack(w)`` splits a w-shaped list into (params, mu_A or None, nu or None)."""
+    """The KKT fixed-point map of [`kkt_map`][constrained.kkt_map], with its fixed point and report.
+
+    ``fp_map(w, hparams)`` is Phi, ``w = params + [mu_A] + [nu]`` its fixed point and ``report`` the
+    [`KKTReport`][constrained.KKTReport]; ``J`` is the Jacobian of [p_A; q] w.r.t. the flattened params there.
+    """
     fp_map: Callable[[List[Tensor], List[Tensor]], List[Tensor]]
     w: List[Tensor]
     report: KKTReport
@@ -94,6 +99,7 @@ class KKTMap:
         return self.problem.lagrangian(y, hparams, mu_a, nu, index=self.report.active)
 
     def unpack(self, w: Sequence[Tensor]) -> Tuple[List[Tensor], Optional[Tensor], Optional[Tensor]]:
+        """Split a w-shaped list into (params, mu_A or None, nu or None)."""
         w = list(w)
         i = self.n_params
         mu_a = w[i] if len(self.report.active) > 0 else None
@@ -178,17 +184,38 @@ def analyze(problem: ConstrainedProblem, params: Sequence[Tensor], hparams: Sequ
             warn: bool = True) -> Tuple[KKTReport, Optional[Tensor], Optional[Tensor]]:
     """Classify the inequalities and measure the KKT residuals at (params, mu, nu) for given hparams.
 
-    Returns the report and detached copies of mu and nu. Raises :class:`KKTError` when the pair is not
-    a KKT point (relative stationarity residual above ``kkt_tol``, a violated constraint, a negative
-    multiplier, or a constraint with multiplier and slack both large), and
-    :class:`DegenerateConstraintError` for degenerate constraints under ``degenerate="error"``.
+    Returns the report and detached copies of mu and nu. Raises [`KKTError`][constrained.KKTError] when the
+    pair is not a KKT point (relative stationarity residual above ``kkt_tol``, a violated constraint, a
+    negative multiplier, or a constraint with multiplier and slack both large), and
+    [`DegenerateConstraintError`][constrained.DegenerateConstraintError] for degenerate constraints under
+    ``degenerate="error"``.
+
+    Each inequality's multiplier is measured as a force mu_i ||grad_y p_i|| relative to the stationarity
+    balance and its slack as a distance -p_i / ||grad_y p_i|| relative to the scale of y: degenerate when
+    both are ~0, else active when the force dominates.
+
+    Args:
+        problem: the inner problem.
+        params: the primal point y.
+        hparams: the outer variables x.
+        mu: one multiplier per entry of ``problem.ineq`` (all of them).
+        nu: one multiplier per entry of ``problem.eq``.
+        degenerate: the policy for degenerate constraints (multiplier and slack both ~0): "drop" (treated
+            as inactive), "keep" (active) or "error".
+        rtol: the relative threshold (of the force and distance scales) below which a multiplier or a slack
+            counts as ~0 (raised by 10 x the point's accuracy for the degeneracy test); also the tolerance of a
+            violated constraint or a negative multiplier.
+        atol: the absolute part of those thresholds.
+        kkt_tol: the largest accepted relative stationarity residual (None: not checked).
+        warn: warn ([`DegenerateConstraintWarning`][constrained.DegenerateConstraintWarning],
+            [`LICQWarning`][constrained.LICQWarning]) about degenerate constraints and a failed LICQ.
     """
     report, mu, nu, _ = _analyze(problem, params, hparams, mu, nu, degenerate, rtol, atol, kkt_tol, warn)
     return report, mu, nu
 
 
 def _analyze(problem, params, hparams, mu, nu, degenerate, rtol, atol, kkt_tol, warn, big=1e3):
-    """:func:`analyze`, also returning the Jacobian of [p_A; q] w.r.t. the flattened params."""
+    """[`analyze`][constrained.analyze], also returning the Jacobian of [p_A; q] w.r.t. the flattened params."""
     if degenerate not in POLICIES:
         raise ValueError(f"degenerate must be one of {POLICIES}, got {degenerate!r}")
     if not (rtol >= 0 and atol >= 0):
@@ -298,9 +325,20 @@ def kkt_map(problem: ConstrainedProblem, params: Sequence[Tensor], hparams: Sequ
             kkt_tol: Optional[float] = 1e-5) -> KKTMap:
     """The KKT fixed-point map Phi(w, x) = w - eta grad_w L(w, x) over w = params + [mu_A] + [nu].
 
-    ``mu`` holds one multiplier per entry of ``problem.ineq`` (all of them; the inactive ones are
-    dropped here), ``nu`` one per entry of ``problem.eq``. See :func:`analyze` for the classification,
-    the ``degenerate`` policy and the errors. ``w`` holds fresh copies (the caller's tensors are untouched).
+    See [`analyze`][constrained.analyze] for the classification, the ``degenerate`` policy and the errors.
+    ``w`` holds fresh copies (the caller's tensors are untouched).
+
+    Args:
+        problem: the inner problem.
+        params: the primal solution y.
+        hparams: the outer variables x.
+        mu: one multiplier per entry of ``problem.ineq`` (all of them; the inactive ones are dropped here).
+        nu: one multiplier per entry of ``problem.eq``.
+        eta: the map's step, a positive scalar (it cancels from the hypergradient).
+        degenerate: as in [`analyze`][constrained.analyze].
+        rtol: as in [`analyze`][constrained.analyze].
+        atol: as in [`analyze`][constrained.analyze].
+        kkt_tol: as in [`analyze`][constrained.analyze].
     """
     if not (isinstance(eta, (int, float)) and eta > 0):
         raise ValueError(f"eta must be a positive scalar (only a scalar keeps I - dPhi/dw symmetric), got {eta!r}")

@@ -16,13 +16,17 @@ Fn = Callable[[List[Tensor], List[Tensor]], Tensor]
 
 @dataclass(frozen=True)
 class ConstrainedProblem:
-    """``objective(params, hparams) -> scalar`` (g), ``ineq(params, hparams) -> 1-D tensor`` (p <= 0),
-    ``eq(params, hparams) -> 1-D tensor`` (q = 0). ``ineq``/``eq`` may be None (no such constraints).
+    """The inner problem min_y g(params, hparams) s.t. p(params, hparams) <= 0, q(params, hparams) = 0.
 
-    ``hessian(params, hparams, mu, nu) -> (n, n) tensor``, optional: the Hessian of L = g + mu^T p + nu^T q
-    w.r.t. the flattened params (``mu`` full-length, zero on the inactive constraints), when it is known in
-    closed form (Q for a QP). It replaces the autodiff Hessian of the dense KKT path and is checked
-    against one autodiff Hessian-vector product."""
+    Args:
+        objective: ``objective(params, hparams) -> scalar``, g.
+        ineq: ``ineq(params, hparams) -> 1-D tensor``, p (p <= 0); None: no inequality constraints.
+        eq: ``eq(params, hparams) -> 1-D tensor``, q (q = 0); None: no equality constraints.
+        hessian: optional ``hessian(params, hparams, mu, nu) -> (n, n) tensor``, the Hessian of
+            L = g + mu^T p + nu^T q w.r.t. the flattened params (``mu`` full-length, zero on the inactive
+            constraints), when it is known in closed form (Q for a QP). It replaces the autodiff Hessian of
+            the dense KKT path and is checked against one autodiff Hessian-vector product.
+    """
     objective: Fn
     ineq: Optional[Fn] = None
     eq: Optional[Fn] = None
