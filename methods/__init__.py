@@ -13,7 +13,7 @@ gradients and diagnostics; the classes are thin ``objective(state)`` / ``nn.Modu
         ul_opt.step()
 
 ``methods.stochastic``: the minibatch solvers (SOBA, SABA, SRBA, AmIGO, StocBiO, MRBO, VRBO, F2SA, BOME) and
-their deterministic counterparts (FullBatchImplicit, FullBatchRAD) over a :class:`~methods.stochastic.FiniteSum`
+their deterministic counterparts (FullBatchImplicit, FullBatchRAD) over a [`FiniteSum`][methods.stochastic.FiniteSum]
 oracle.
 """
 from hypergrad._version import __version__

@@ -1,6 +1,6 @@
 """Lower-level machinery shared by the solvers: functional update rules and the descent loop.
 
-Everything works on lists of tensors (the ``params`` convention of :mod:`hypergrad`). An update rule is a
+Everything works on lists of tensors (the ``params`` convention of ``hypergrad``). An update rule is a
 pure function of (params, grads, state); applied to tensors that carry a graph it is differentiable, which
 is what the unrolled methods (RAD, T-RAD, BDA, IAPTT-GM) backpropagate through.
 """
@@ -22,7 +22,7 @@ Loss = Callable[[TensorList, TensorList], Tensor]
 
 @dataclass
 class SGDRule:
-    """torch.optim.SGD's update written functionally, one hyperparameter tuple per tensor.
+    """``torch.optim.SGD``'s update written functionally, one hyperparameter tuple per tensor.
 
         d = g + wd p;  b = d (first step) or m b + (1 - dampening) d;  d = d + m b (nesterov) or b;
         p <- p - lr d        (g -> -g when ``maximize``)
@@ -72,6 +72,7 @@ class SGDRule:
         return cls(*[list(c) for c in zip(*rows)])
 
     def with_lr(self, lr: float) -> "SGDRule":
+        """The same rule with the step size ``lr`` on every tensor (a positive finite number)."""
         _check_lr(lr, "lr")
         return SGDRule([float(lr)] * len(self.lr), self.momentum, self.dampening, self.weight_decay,
                        self.nesterov, self.maximize)
@@ -82,6 +83,11 @@ class SGDRule:
 
     def step(self, params: Sequence[Tensor], grads: Sequence[Tensor],
              state: List[Optional[Tensor]]) -> Tuple[TensorList, List[Optional[Tensor]]]:
+        """One step p <- p - lr d per tensor (d from g as in the class docstring); returns (params, state).
+
+        ``state`` holds the momentum buffers (None before the first step, see ``init``); differentiable when
+        ``params`` and ``grads`` carry a graph.
+        """
         if self.is_plain():  # p - lr g on every tensor by one multi-tensor kernel (differentiable)
             return list(torch._foreach_add(list(params), list(grads), alpha=-self.lr[0])), state
         new, new_state = [], []
@@ -117,7 +123,7 @@ def check_int(value, name: str, minimum: int = 0) -> int:
 
 
 def check_scalar(loss, name: str) -> Tensor:
-    """A loss must be a one-element tensor (finiteness is checked in batches, see :func:`raise_if_nonfinite`)."""
+    """A loss must be a one-element tensor (finiteness is checked in batches, see ``raise_if_nonfinite``)."""
     if not isinstance(loss, Tensor):
         raise TypeError(f"{name} must return a scalar tensor, got {type(loss).__name__}")
     if loss.numel() != 1:
@@ -137,7 +143,7 @@ def sq_norm(xs: Sequence[Tensor]) -> Tensor:
 
 
 def raise_if_nonfinite(values: Sequence[Tensor], what: str, index_name: str = "step") -> None:
-    """One host sync for a whole loop: raise :class:`NonFiniteError` naming the first bad entry."""
+    """One host sync for a whole loop: raise [`NonFiniteError`][hypergrad.NonFiniteError] naming the first bad entry."""
     if not values:
         return
     ok = torch.isfinite(torch.stack([v.detach().reshape(()) for v in values]))
@@ -180,7 +186,8 @@ def descend(params: Sequence[Tensor], grad_fn: Callable[[TensorList, int, bool],
 
 def fp_residual(prev: Sequence[Tensor], y: Sequence[Tensor]) -> Tuple[float, float]:
     """(||Phi(w) - w||, the core's relative residual: the largest per tensor, see
-    :class:`hypergrad.HypergradResult`) for one step w = ``prev`` -> Phi(w) = ``y``. One host read, after the loop."""
+    [`hypergrad.HypergradResult`][hypergrad.HypergradResult]) for one step w = ``prev`` -> Phi(w) = ``y``. One host
+    read, after the loop."""
     with torch.no_grad():
         d, rel = fixed_point_residuals([w.detach() for w in prev], [w.detach() for w in y], tl.dots)
         both = torch.stack([d, rel]).tolist()
@@ -198,7 +205,8 @@ def check_lower(losses: Sequence[Tensor], norms: Sequence[Tensor], step_option: 
     STREAK steps raised both with g_t > MIN_GROWTH min_s g_s (an unstable mode that started small). A
     descent step with a small enough step size lowers f, so a rising loss with a growing gradient means the
     step is too large; a saddle escape grows g but lowers f.
-    Raise :class:`DivergenceError` naming ``step_option``, else :class:`NonFiniteError` at the first NaN."""
+    Raise [`DivergenceError`][hypergrad.DivergenceError] naming ``step_option``, else
+    [`NonFiniteError`][hypergrad.NonFiniteError] at the first NaN."""
     if not norms:
         return
     n = min(len(losses), len(norms))

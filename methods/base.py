@@ -1,12 +1,12 @@
 """The shared base of the bilevel solvers and the ``state`` adapter for ``objective(state)`` callables.
 
 Every algorithm is a function over the core convention (``params`` = lower variables y, ``hparams`` = upper
-variables x, losses of ``(params, hparams)``); :class:`BilevelSolver` turns the reference documentation's
-module-and-objective style into that convention and back:
+variables x, losses of ``(params, hparams)``); [`BilevelSolver`][methods.BilevelSolver] turns the reference
+documentation's module-and-objective style into that convention and back:
 
     state = {"data", "target", "upper_model", "lower_model"}   (aliases "ul_model", "ll_model")
 
-where ``lower_model`` is a :class:`ModuleView` of the lower model at the current iterate.
+where ``lower_model`` is a [`ModuleView`][methods.ModuleView] of the lower model at the current iterate.
 """
 from __future__ import annotations
 
@@ -38,8 +38,14 @@ class ModuleView:
     Call it like the module; ``parameters()``/``named_parameters()`` give the iterate, and an attribute
     named like a top-level parameter (``view.y``) returns the iterate's tensor. Buffers and frozen
     parameters are the module's own. A call puts the tensors into the parameter slots
-    (:func:`parameter_slots`, computed once per solver) for its duration and restores them after, even on
+    (``parameter_slots``, computed once per solver) for its duration and restores them after, even on
     an error: the cost of a few dictionary writes per tensor, against ~100 us of ``functional_call``.
+
+    Args:
+        module: the ``nn.Module``.
+        names: the names of its trainable parameters, in the order of ``tensors``.
+        tensors: the iterate, one tensor per name.
+        slots: the parameter slots of ``names`` (default: computed from ``module``).
     """
 
     def __init__(self, module: nn.Module, names: Sequence[str], tensors: Sequence[Tensor], slots=None):
@@ -60,9 +66,11 @@ class ModuleView:
                 params[attr] = old
 
     def parameters(self):
+        """An iterator over the iterate's tensors (in place of the module's trainable parameters)."""
         return iter(self._params.values())
 
     def named_parameters(self):
+        """An iterator over ``(name, tensor)`` pairs of the iterate."""
         return iter(self._params.items())
 
     def __getattr__(self, name: str):
@@ -80,12 +88,15 @@ class ModuleView:
 
 @dataclass
 class Result:
-    """What every solver function returns: one gradient per hparam, the final lower iterate ``params``
+    """What every solver function returns: the upper gradients, the final lower iterate and diagnostics.
+
+    One gradient per hparam (``grads``), the final lower iterate ``params``
     (detached), the ``upper_loss`` that was differentiated, ``lower_grad_norm``, the norm of the last
     lower gradient evaluated, and the inner fixed-point residual ``fp_residual`` = ||Phi(y) - y|| with
-    ``fp_residual_rel`` the core's relative residual (per tensor, see :class:`hypergrad.HypergradResult`),
-    Phi the lower step (how far y is from a lower solution: ||y - y*|| <= ||Phi(y) - y|| / (1 - rho) for a
-    contraction with factor rho). Subclasses add their own diagnostics."""
+    ``fp_residual_rel`` the core's relative residual (per tensor, see
+    [`hypergrad.HypergradResult`][hypergrad.HypergradResult]), Phi the lower step (how far y is from a lower
+    solution: ``||y - y*|| <= ||Phi(y) - y|| / (1 - rho)`` for a contraction with factor rho). Subclasses add
+    their own diagnostics."""
     grads: List[Tensor]
     params: List[Tensor]
     upper_loss: Tensor
@@ -115,13 +126,14 @@ def _trainable(module: nn.Module, what: str) -> Tuple[List[str], List[Tensor]]:
 
 
 class BilevelSolver:
-    """Base of :class:`~methods.Implicit`, :class:`~methods.Dynamic` and :class:`~methods.BVFIM`.
+    """Base of [`Implicit`][methods.Implicit], [`Dynamic`][methods.Dynamic] and [`BVFIM`][methods.BVFIM].
 
-    One call of :meth:`compute_gradients` per outer step adds the upper gradient to the upper model's
-    ``.grad`` (like ``.backward()``) and returns the upper loss; the caller zeroes and steps its own
+    One call of [`compute_gradients`][methods.BilevelSolver.compute_gradients] per outer step adds the upper gradient to
+    the upper model's ``.grad`` (like ``.backward()``) and returns the upper loss; the caller zeroes and steps its own
     optimizer. With ``warm_start`` the final lower iterate is copied into the lower model's parameters,
     so the next call starts there; otherwise the lower model is never written. Models are never
-    re-initialized. Diagnostics of the last call are in :attr:`diagnostics` (and :attr:`last`).
+    re-initialized. Diagnostics of the last call are in [`diagnostics`][methods.BilevelSolver.diagnostics] (and
+    [`last`][methods.BilevelSolver.last]).
 
     Args:
         ul_objective: the upper objective, ``objective(state) -> scalar tensor``.
@@ -132,6 +144,7 @@ class BilevelSolver:
             (lr, momentum, dampening, weight decay, nesterov); it is never stepped itself.
         lower_loop: number of lower steps per call.
         lr: lower step size when ``ll_opt`` is None (else an override of its lr).
+        warm_start: copy the final lower iterate into the lower model's parameters after each call.
     """
 
     def __init__(self, ul_objective: Objective, ul_model: nn.Module, ll_objective: Objective,
@@ -158,11 +171,15 @@ class BilevelSolver:
         self._wrap = None
 
     def data_parallel(self, group=None, reduce: str = "mean") -> "BilevelSolver":
-        """Make the solver data-parallel over ``group`` (``torch.distributed``): every rank passes its own
-        shard as the batches of :meth:`compute_gradients`, and both objectives become the global ones
-        through :func:`hypergrad.distributed.data_parallel` (``reduce="mean"``: equal shards, objectives
-        that are means over the shard; ``"sum"``: objectives already weighted by n_local / N). Every rank
-        then computes the upper gradient of one process holding all the data. Returns ``self``."""
+        """Make the solver data-parallel over ``group`` (``torch.distributed``); returns ``self``.
+
+        Every rank passes its own shard as the batches of
+        [`compute_gradients`][methods.BilevelSolver.compute_gradients], and both objectives become the global
+        ones through [`hypergrad.distributed.data_parallel`][hypergrad.distributed.data_parallel]
+        (``reduce="mean"``: equal shards, objectives that are means over the shard; ``"sum"``: objectives
+        already weighted by n_local / N). Every rank then computes the upper gradient of one process holding
+        all the data.
+        """
         from hypergrad.distributed import data_parallel
         data_parallel(lambda p, h: p, group, reduce)  # early errors: no process group, a bad reduce
         self._wrap = lambda fn: data_parallel(fn, group, reduce)
@@ -225,7 +242,15 @@ class BilevelSolver:
         return result.upper_loss
 
     def compute_gradients(self, ul_data, ul_target, ll_data, ll_target, **options) -> Tensor:
-        """Add the upper gradient to the upper model's ``.grad`` and return the upper loss."""
+        """Add the upper gradient to the upper model's ``.grad`` and return the upper loss.
+
+        Args:
+            ul_data: the upper objective's batch (its ``state["data"]``).
+            ul_target: the upper objective's targets (its ``state["target"]``).
+            ll_data: the lower objective's batch.
+            ll_target: the lower objective's targets.
+            **options: per-call overrides of the solver's settings (see each solver).
+        """
         raise NotImplementedError
 
 

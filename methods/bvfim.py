@@ -31,8 +31,8 @@ Precision: psi's rounding error is estimated as eps of the dtype times the magni
 error amplified by tau / slack); below it the acceptance test compares gradient norms, so float32
 neither stalls on noise nor oscillates within it. Where the dtype cannot resolve the slack at all
 (eps |f| > ``slack_rtol`` * slack, e.g. f ~ 1e6 in float32) the result would be noise and
-:class:`SlackResolutionError` is raised. A diverging z-loop (z_lr too large) raises
-:class:`hypergrad.DivergenceError`.
+[`SlackResolutionError`][methods.SlackResolutionError] is raised. A diverging z-loop (z_lr too large) raises
+[`hypergrad.DivergenceError`][hypergrad.DivergenceError].
 """
 from __future__ import annotations
 
@@ -53,13 +53,15 @@ from .base import BilevelSolver, Objective, Result
 
 
 class SlackResolutionError(HypergradError, ArithmeticError):
-    """The dtype cannot resolve the slack f*_mu - f(x, y) (|f| much larger than slack / eps)."""
+    """The dtype cannot resolve the slack ``f*_mu - f(x, y)`` (|f| much larger than slack / eps)."""
 
 
 @dataclass
 class BVFIMResult(Result):
-    """Plus ``z`` (the regularized lower solution), ``slack`` = f*_mu - f(x, y) > 0 at the returned y,
-    ``f_star`` = f*_mu(x), the y-loop's last gradient norm ``y_grad_norm``, the number of ``restarts``
+    """The result of [`bvfim_hypergradient`][methods.bvfim_hypergradient]: a [`Result`][methods.Result] and more.
+
+    Plus ``z`` (the regularized lower solution), ``slack`` = ``f*_mu - f(x, y)`` > 0 at the returned y,
+    ``f_star`` = ``f*_mu(x)``, the y-loop's last gradient norm ``y_grad_norm``, the number of ``restarts``
     from z, of ``backtracks`` (rejected trial steps) and ``stalls``, ``f_evals`` (evaluations of f in the
     call: T_z + T_y + 2 + ``backtracks`` + ``restarts`` when no step stalls), the last accepted step
     fraction ``eta``, ``momentum_restarts`` (steps whose momentum pointed uphill on psi and was reset), and
@@ -124,11 +126,36 @@ def bvfim_hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], inn
                         z0: Optional[Sequence[Tensor]] = None, z_rule: Optional[SGDRule] = None,
                         y_rule: Optional[SGDRule] = None, max_backtracks: int = 30, slack_rtol: float = 1e-3,
                         set_grad: bool = True) -> BVFIMResult:
-    """One BVFIM upper gradient (see the module docstring). ``params`` is the start of the y-loop,
-    ``z0`` of the z-loop (default: ``params``); neither is modified. ``z_rule``/``y_rule`` replace
-    plain gradient descent with steps ``z_lr``/``y_lr``. ``slack_rtol``: the largest relative rounding
-    error of the slack (``eps * (|f(x, z)| + |f(x, y)|) / slack``, eps of the dtype) accepted before
-    :class:`SlackResolutionError` is raised."""
+    """One BVFIM upper gradient: a z-loop, a barrier y-loop, then Danskin's gradient; no second derivatives.
+
+    The z-loop descends f(x, z) + mu1/2 ||z||^2 (value ``f*_mu(x) = f(x, z) + mu1/2 ||z||^2 + mu2``), the
+    y-loop descends psi(y) = F(x, y) + theta/2 ||y||^2 - tau ln s(y) with the slack s(y) = ``f*_mu(x) - f(x, y)``
+    kept > 0 (backtracking), and the upper gradient is
+    grad_x F(x, y) + tau (grad_x f(x, y) - grad_x f(x, z)) / s(y) (the full description: the docstring of the
+    module ``methods.bvfim``).
+
+    Args:
+        params: the start of the y-loop (not modified).
+        hparams: the upper variables x.
+        inner_loss: f(params, hparams).
+        outer_loss: F(params, hparams).
+        z_loop: the z-loop's steps T_z.
+        y_loop: the y-loop's steps T_y.
+        z_lr: the z-loop's step size (plain gradient descent).
+        y_lr: the y-loop's step size (plain gradient descent).
+        mu1: the z-loop's l2 regularization.
+        theta: the y-loop's l2 regularization.
+        tau: the weight of the log barrier.
+        mu2: the constant added to the value function (> 0: a positive slack at z).
+        z0: the start of the z-loop (default: ``params``; not modified).
+        z_rule: the z-loop's update rule, instead of gradient descent with ``z_lr``.
+        y_rule: the y-loop's update rule, instead of gradient descent with ``y_lr``.
+        max_backtracks: the rejected trials of a y-step after which the y-loop stops (a stall).
+        slack_rtol: the largest relative rounding error of the slack
+            (``eps * (|f(x, z)| + |f(x, y)|) / slack``, eps of the dtype) accepted before
+            [`SlackResolutionError`][methods.SlackResolutionError] is raised.
+        set_grad: add the gradients to ``hparam.grad``.
+    """
     check_int(z_loop, "lower_loop (z-loop length)", 1)
     check_int(y_loop, "y_loop", 1)
     check_int(max_backtracks, "max_backtracks", 0)
@@ -260,8 +287,9 @@ def bvfim_hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], inn
 
 
 def check_slack(slack: Tensor, f_z: Tensor, f_y: Tensor, eps: float, rtol: float, dtype) -> None:
-    """Raise :class:`SlackResolutionError` when the slack's rounding error eps (|f(x, z)| + |f(x, y)|) exceeds
-    ``rtol`` times the slack: the barrier term tau grad/slack of the upper gradient would be noise."""
+    """Raise [`SlackResolutionError`][methods.SlackResolutionError] when the slack's rounding error eps (|f(x, z)| +
+    |f(x, y)|) exceeds ``rtol`` times the slack: the barrier term tau grad/slack of the upper gradient would be
+    noise."""
     s, a, b = torch.stack([slack, f_z, f_y]).double().cpu().tolist()
     err = eps * (abs(a) + abs(b))
     if err > rtol * s:
@@ -276,18 +304,32 @@ def check_slack(slack: Tensor, f_z: Tensor, f_y: Tensor, eps: float, rtol: float
 class BVFIM(BilevelSolver):
     """Value-function interior-point method (reference: ``BVFIM``).
 
-    ``BVFIM(upper_objective, upper_model, lower_objective, z_l2_reg=0.1, y_l2_reg=0.01, y_ln_reg=10., *,
-    ll_model, lower_loop=10, y_loop=10, ll_opt=None, z_lr=None, y_lr=None, mu2=1.0, reg_decay=None,
-    warm_start=True)``.
-
-    ``lower_loop`` is the z-loop, ``y_loop`` the y-loop; both follow ``ll_opt``'s SGD rule (else gradient
-    descent), with step sizes ``z_lr``/``y_lr`` (default: ``ll_opt``'s lr, else 0.1). The lower model
-    holds y (and is written with the final y under ``warm_start``); z is kept by the solver and warm-
-    started from its last value (first call: from y).
+    Each call is one [`bvfim_hypergradient`][methods.bvfim_hypergradient]. ``lower_loop`` is the z-loop, ``y_loop`` the
+    y-loop; both follow ``ll_opt``'s SGD rule (else gradient descent), with step sizes ``z_lr``/``y_lr`` (default:
+    ``ll_opt``'s lr, else 0.1). The lower model holds y (and is written with the final y under ``warm_start``); z is
+    kept by the solver and warm-started from its last value (first call: from y).
 
     ``reg_decay``: the divisor d_t >= 1 of (mu1, mu2, theta, tau) at outer iteration t (a callable of t,
     or a float r meaning d_t = r ** t); None keeps them fixed. ``compute_gradients(..., reg_decay=d)``
     overrides it for one call (the reference documentation's style).
+
+    Args:
+        upper_objective: the upper objective, ``objective(state) -> scalar tensor``.
+        upper_model: the upper ``nn.Module`` (x).
+        lower_objective: the lower objective, ``objective(state) -> scalar tensor``.
+        z_l2_reg: mu1, the z-loop's l2 regularization.
+        y_l2_reg: theta, the y-loop's l2 regularization.
+        y_ln_reg: tau, the weight of the log barrier.
+        ll_model: the lower ``nn.Module`` (y).
+        lower_loop: the z-loop's steps.
+        y_loop: the y-loop's steps.
+        ll_opt: a ``torch.optim.SGD`` over the lower parameters whose rule both loops follow.
+        z_lr: the z-loop's step size (default: ``ll_opt``'s lr, else 0.1).
+        y_lr: the y-loop's step size (default: ``ll_opt``'s lr, else 0.1).
+        mu2: the constant added to the value function (> 0).
+        reg_decay: the divisor d_t of the regularization (see above; None: fixed).
+        max_backtracks: the rejected trials of a y-step after which the y-loop stops.
+        warm_start: write the final y into the lower model and warm-start z from its last value.
     """
 
     def __init__(self, upper_objective: Objective, upper_model, lower_objective: Objective,
@@ -313,7 +355,7 @@ class BVFIM(BilevelSolver):
         self._z: Optional[List[Tensor]] = None
 
     def decay(self, reg_decay: Optional[float] = None) -> float:
-        """The divisor of the regularization for the current call."""
+        """The divisor d_t of the regularization for the current call (``reg_decay`` overrides it)."""
         d = reg_decay if reg_decay is not None else (1.0 if self.reg_decay is None else self.reg_decay(self.iteration))
         d = _positive(d if not isinstance(d, Tensor) else float(d), "reg_decay")
         return d
@@ -321,7 +363,10 @@ class BVFIM(BilevelSolver):
     def compute_gradients(self, ul_data, ul_target, ll_data, ll_target, reg_decay: Optional[float] = None,
                           **options) -> Tensor:
         """One outer step: z-loop, y-loop, Danskin upper gradient added to the upper ``.grad``.
-        ``options`` override the keywords of :func:`bvfim_hypergradient` for this call."""
+
+        ``reg_decay`` overrides the divisor of the regularization for this call, and ``options`` the keywords
+        of [`bvfim_hypergradient`][methods.bvfim_hypergradient]; returns the upper loss.
+        """
         inner, outer = self.losses(ul_data, ul_target, ll_data, ll_target)
         d = self.decay(reg_decay)
         kw = dict(z_loop=self.lower_loop, y_loop=self.y_loop, mu1=self.mu1 / d, theta=self.theta / d,

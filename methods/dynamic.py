@@ -13,7 +13,7 @@ and the upper gradient is reverse-mode d/dx F(x, y_T(x)) through the steps, with
 - IA (``init_aux``): y_0 = ``params`` is itself an upper variable; the gradient w.r.t. it is returned
   (and added to ``params[i].grad``).
 The step ``y - s d`` is the lower rule (plain gradient descent or torch.optim.SGD's rule). A lower loop
-that diverges (step too large) raises :class:`hypergrad.DivergenceError` instead of returning its
+that diverges (step too large) raises [`hypergrad.DivergenceError`][hypergrad.DivergenceError] instead of returning its
 gradient; the residual of the last step, ||y_T - y_{T-1}||, is reported as ``fp_residual``.
 """
 from __future__ import annotations
@@ -34,7 +34,9 @@ from .base import BilevelSolver, Objective, Result
 
 @dataclass
 class DynamicResult(Result):
-    """Plus ``k_star`` (the iterate differentiated: T unless pessimistic), the gradient w.r.t. y_0
+    """The result of [`dynamic_hypergradient`][methods.dynamic_hypergradient]: a [`Result`][methods.Result] and more.
+
+    Plus ``k_star`` (the iterate differentiated: T unless pessimistic), the gradient w.r.t. y_0
     ``init_grads`` (IA only, else None) and the differentiated ``steps`` (T - K)."""
     k_star: int
     steps: int
@@ -83,11 +85,29 @@ def dynamic_hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], i
                           alpha: float = 0.0, alpha_schedule: Optional[Callable[[int], float]] = None,
                           truncate: int = 0, pessimistic: bool = False, init_aux: bool = False,
                           set_grad: bool = True) -> DynamicResult:
-    """Upper gradient by reverse mode through ``steps`` lower steps (see the module docstring).
+    """Upper gradient by reverse mode through ``steps`` lower steps (RAD, T-RAD, BDA, PTT, IA).
 
-    ``params`` is y_0 (never modified); ``rule`` overrides plain gradient descent with step ``lr``.
-    With ``set_grad`` the gradients are added to ``hparam.grad`` (and, with ``init_aux``, to
-    ``params[i].grad``).
+    y_{t+1} = y_t - s d_t with d_t = grad_y[(1 - a_t) f(x, y_t) + a_t F(x, y_t)] (a_t = 0: RAD), and the
+    gradient is d/dx F(x, y_T(x)) through the steps. A diverging lower loop raises
+    [`hypergrad.DivergenceError`][hypergrad.DivergenceError]; ``fp_residual`` is ||y_T - y_{T-1}||.
+
+    Args:
+        params: y_0 (never modified).
+        hparams: the upper variables x.
+        inner_loss: f(params, hparams).
+        outer_loss: F(params, hparams).
+        steps: the number T of lower steps (>= 1).
+        lr: the step s of plain gradient descent.
+        rule: the lower update rule, instead of plain gradient descent with step ``lr``.
+        alpha: BDA's aggregation weight, in [0, 1) (0: RAD; F is then not evaluated in the steps).
+        alpha_schedule: BDA's a_t = alpha_schedule(t), in [0, 1) (default: alpha / (t + 1)); needs alpha > 0.
+        truncate: T-RAD's K: the first K steps are taken without a graph, only the last T - K are
+            differentiated (nothing of the warm-up reaches x).
+        pessimistic: PTT: differentiate ``F(x, y_{k*})``, ``k* = argmax_{1<=k<=T} F(x, y_k)`` (not with
+            ``truncate``).
+        init_aux: IA: y_0 = ``params`` is itself an upper variable; its gradient is returned as
+            ``init_grads`` (not with ``truncate``).
+        set_grad: add the gradients to ``hparam.grad`` (and, with ``init_aux``, to ``params[i].grad``).
     """
     check_options(steps, alpha, truncate, pessimistic, init_aux, alpha_schedule)
     hparams, params = list(hparams), list(params)
@@ -140,14 +160,28 @@ def dynamic_hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], i
 class Dynamic(BilevelSolver):
     """RAD / T-RAD / BDA / IAPTT-GM as one solver (reference: ``Dynamic``).
 
-    ``Dynamic(ll_objective, lower_loop, ul_model, ul_objective, ll_model, acquire_max_loss=False,
-    alpha=0, truncate_iters=0, ll_opt=None, *, init_aux=False, lr=None, alpha_schedule=None,
-    warm_start=None)``. RAD|BDA (``alpha``) are exclusive, T-RAD|PTT (``truncate_iters`` |
-    ``acquire_max_loss``) are exclusive, IA (``init_aux``) combines with RAD, BDA and PTT.
+    RAD|BDA (``alpha``) are exclusive, T-RAD|PTT (``truncate_iters`` | ``acquire_max_loss``) are exclusive,
+    IA (``init_aux``) combines with RAD, BDA and PTT; each call is one
+    [`dynamic_hypergradient`][methods.dynamic_hypergradient].
 
     With ``init_aux`` the lower model's parameters are y_0, an upper variable: their ``.grad`` receives
     dF/dy_0 and the caller's upper optimizer should include them; the lower model is then never
     written (``warm_start`` defaults to True otherwise: the final iterate y_T is copied into it).
+
+    Args:
+        ll_objective: the lower objective, ``objective(state) -> scalar tensor``.
+        lower_loop: the lower steps per call (T).
+        ul_model: the upper ``nn.Module`` (x).
+        ul_objective: the upper objective, ``objective(state) -> scalar tensor``.
+        ll_model: the lower ``nn.Module`` (y).
+        acquire_max_loss: PTT: differentiate the iterate of largest upper loss.
+        alpha: BDA's aggregation weight, in [0, 1) (0: RAD).
+        truncate_iters: T-RAD: the warm-up steps taken without a graph.
+        ll_opt: a ``torch.optim.SGD`` over the lower parameters whose rule the lower steps follow.
+        init_aux: IA: the lower model's parameters are y_0, an upper variable.
+        lr: the lower step size without ``ll_opt`` (default 0.1), else an override of its lr.
+        alpha_schedule: BDA's a_t as a callable of the step t (default alpha / (t + 1)).
+        warm_start: copy y_T into the lower model after each call (default: True unless ``init_aux``).
     """
 
     def __init__(self, ll_objective: Objective, lower_loop: int, ul_model, ul_objective: Objective, ll_model,
@@ -167,8 +201,10 @@ class Dynamic(BilevelSolver):
 
     def compute_gradients(self, ul_data, ul_target, ll_data, ll_target, **options) -> Tensor:
         """One outer step: lower dynamics from the lower model's parameters, then the upper gradient.
-        ``options`` override ``lower_loop``/``alpha``/``truncate``/... of :func:`dynamic_hypergradient`
-        for this call."""
+
+        ``options`` override ``steps``/``alpha``/``truncate``/... of
+        [`dynamic_hypergradient`][methods.dynamic_hypergradient] for this call; returns the upper loss.
+        """
         inner, outer = self.losses(ul_data, ul_target, ll_data, ll_target)
         kw = dict(rule=self.rule, alpha=self.alpha, alpha_schedule=self.alpha_schedule,
                   truncate=self.truncate_iters, pessimistic=self.acquire_max_loss, init_aux=self.init_aux)

@@ -11,7 +11,7 @@ The formula is exact only at a fixed point y* = Phi(y*); with few lower steps it
 reports the inner residual ``fp_residual`` = ||Phi(y_T) - y_T|| (and ``fp_residual_rel``), which bounds how
 far y_T is from y*: ||y_T - y*|| <= ||Phi(y_T) - y_T|| / (1 - rho) when Phi contracts with factor rho
 (rho = max |1 - lr lambda_i| over the Hessian's eigenvalues). A diverging lower loop raises
-:class:`hypergrad.DivergenceError`.
+[`hypergrad.DivergenceError`][hypergrad.DivergenceError].
 """
 from __future__ import annotations
 
@@ -29,7 +29,9 @@ from .base import BilevelSolver, Objective, Result
 
 @dataclass
 class ImplicitResult(Result):
-    """Plus the core solver's ``iterations`` (products with (d_y Phi)^T), ``residual``, ``converged``,
+    """The result of [`implicit_hypergradient`][methods.implicit_hypergradient]: a [`Result`][methods.Result] and more.
+
+    Plus the core solver's ``iterations`` (products with (d_y Phi)^T), ``residual``, ``converged``,
     the ``solver`` name and the adjoint ``v`` (a warm start for the next call)."""
     iterations: int
     residual: float
@@ -43,14 +45,31 @@ def implicit_hypergradient(params: Sequence[Tensor], hparams: Sequence[Tensor], 
                            tol: float = 1e-10, rule: Optional[SGDRule] = None,
                            v0: Optional[Sequence[Tensor]] = None, set_grad: bool = True,
                            fixed_point_tol: Optional[float] = None, **solver_options) -> ImplicitResult:
-    """``steps`` lower steps from ``params`` (detached; 0 steps: ``params`` is already y*), then the
-    implicit hypergradient at y_T with Phi = y - lr grad_y f, at most ``K`` solver iterations.
+    """The implicit hypergradient at y_T, after ``steps`` lower steps from ``params``, with Phi = y - lr grad_y f.
 
-    ``rule`` (e.g. SGD with momentum) drives the lower steps only; Phi is always plain gradient descent
-    with step ``lr`` (its fixed points are the stationary points of f; ``lr`` cancels for an exact solve).
+    grad = grad_x F - grad2_xy f [grad2_yy f]^-1 grad_y F at y_T, the adjoint solved by the core's ``solver``.
     ``fp_residual`` = ||Phi(y_T) - y_T|| = lr ||grad_y f(x, y_T)|| (the core's) says how approximate the
-    result is; ``fixed_point_tol`` is the core's (None: warn when far from a fixed point; a float: raise
-    :class:`hypergrad.NotAFixedPointError` above that relative residual; ``math.inf``: accept).
+    result is.
+
+    Args:
+        params: the lower starting iterate y_0 (detached; with 0 steps it is taken as y*).
+        hparams: the upper variables x.
+        inner_loss: f(params, hparams).
+        outer_loss: F(params, hparams).
+        steps: the number T of lower steps (0: ``params`` is already y*).
+        lr: the step of Phi (and of the lower steps when ``rule`` is None).
+        solver: any of the core's solvers ([`hypergrad.SOLVERS`][hypergrad.SOLVERS]).
+        K: the solver's iteration limit.
+        tol: the solver's residual tolerance (absolute; float32 floors it at 100 eps relative).
+        rule: the update of the lower steps (e.g. SGD with momentum); Phi is always plain gradient descent
+            with step ``lr`` (its fixed points are the stationary points of f; ``lr`` cancels for an exact
+            solve).
+        v0: a warm start for the adjoint (e.g. the previous result's ``v``).
+        set_grad: add the gradients to ``hparam.grad``.
+        fixed_point_tol: the core's (None: warn when far from a fixed point; a float: raise
+            [`hypergrad.NotAFixedPointError`][hypergrad.NotAFixedPointError] above that relative residual;
+            ``math.inf``: accept).
+        **solver_options: more options of the core's solver.
     """
     check_int(steps, "the number of lower steps (lower_loop)", 0)
     check_int(K, "k (solver iterations)", 0)
@@ -89,17 +108,29 @@ def hypergradient_at(y: Sequence[Tensor], hparams: Sequence[Tensor], inner_loss:
 class Implicit(BilevelSolver):
     """Implicit gradients by CG or the Neumann series (reference: ``Implicit``).
 
-    ``Implicit(ul_objective, ul_model, ll_objective, ll_model, ll_learning_rate, k, tolerance=1e-10, *,
-    lower_loop=10, solver="cg", ll_opt=None, warm_start=True, warm_start_adjoint=False,
-    fixed_point_tol=None)``:
-    ``lower_loop`` lower steps (``ll_opt``'s SGD rule, else gradient descent with ``ll_learning_rate``),
-    then at most ``k`` iterations of ``solver`` (any of the core's: "cg", "neumann", "fixed_point",
-    "minres", "gmres", "dense", "cg_normaleq") until the residual is below ``tolerance``.
+    Per call: ``lower_loop`` lower steps (``ll_opt``'s SGD rule, else gradient descent with
+    ``ll_learning_rate``), then at most ``k`` iterations of ``solver`` until the residual is below
+    ``tolerance`` ([`implicit_hypergradient`][methods.implicit_hypergradient]).
 
     Approximate with few lower steps: the implicit formula is evaluated at y_T, not at y*;
-    ``diagnostics["fp_residual"]`` = ||Phi(y_T) - y_T|| bounds the distance, ||y_T - y*|| <= fp_residual /
-    (1 - rho) for a contraction Phi with factor rho. ``fixed_point_tol`` (the core's: None warns when the
-    relative residual is large, a float raises above it, ``math.inf`` accepts) applies to every call.
+    ``diagnostics["fp_residual"]`` = ||Phi(y_T) - y_T|| bounds the distance,
+    ``||y_T - y*|| <= fp_residual / (1 - rho)`` for a contraction Phi with factor rho.
+
+    Args:
+        ul_objective: the upper objective, ``objective(state) -> scalar tensor``.
+        ul_model: the upper ``nn.Module`` (x).
+        ll_objective: the lower objective, ``objective(state) -> scalar tensor``.
+        ll_model: the lower ``nn.Module`` (y).
+        ll_learning_rate: the step of Phi = y - lr grad_y f (and of the lower steps without ``ll_opt``).
+        k: the solver's iteration limit.
+        tolerance: its residual tolerance.
+        lower_loop: the lower steps per call.
+        solver: any of the core's: "cg", "neumann", "fixed_point", "minres", "gmres", "dense", "cg_normaleq".
+        ll_opt: a ``torch.optim.SGD`` over the lower parameters whose rule the lower steps follow.
+        warm_start: copy the final lower iterate into the lower model after each call.
+        warm_start_adjoint: start each adjoint solve from the previous call's.
+        fixed_point_tol: the core's (None warns when the relative residual is large, a float raises above
+            it, ``math.inf`` accepts); applies to every call.
     """
 
     def __init__(self, ul_objective: Objective, ul_model, ll_objective: Objective, ll_model,
@@ -119,8 +150,11 @@ class Implicit(BilevelSolver):
         self.fixed_point_tol = fixed_point_tol
 
     def compute_gradients(self, ul_data, ul_target, ll_data, ll_target, **options) -> Tensor:
-        """One outer step; ``options`` override ``steps``/``solver``/``K``/``tol`` of
-        :func:`implicit_hypergradient`."""
+        """One outer step: lower steps, then the implicit upper gradient added to the upper ``.grad``.
+
+        ``options`` override ``steps``/``solver``/``K``/``tol`` (or any other keyword) of
+        [`implicit_hypergradient`][methods.implicit_hypergradient] for this call; returns the upper loss.
+        """
         inner, outer = self.losses(ul_data, ul_target, ll_data, ll_target)
         kw = dict(solver=self.solver, K=self.k, tol=self.tolerance, rule=self.rule,
                   fixed_point_tol=self.fixed_point_tol)

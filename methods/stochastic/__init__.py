@@ -1,4 +1,4 @@
-"""Stochastic and first-order bilevel solvers over a minibatch oracle (:class:`FiniteSum`).
+"""Stochastic and first-order bilevel solvers over a minibatch oracle ([`FiniteSum`][methods.stochastic.FiniteSum]).
 
     inner = FiniteSum(lambda y, x, idx: ridge_loss(y, x, X[idx], t[idx]), n_train, batch_size=64)
     outer = FiniteSum(lambda y, x, idx: val_loss(y, X_val[idx], t_val[idx]), n_val, batch_size=64)
@@ -6,8 +6,8 @@
     solver.run(1000)            # or solver.step() per outer iteration
     solver.hparams              # x, in the caller's shapes
 
-One class per algorithm, each in its own module over :class:`StochasticSolver`; switching method is
-changing the class.
+One class per algorithm, each in its own module over [`StochasticSolver`][methods.stochastic.StochasticSolver];
+switching method is changing the class.
 """
 from .base import StochasticResult, StochasticSolver
 from .oracle import Batch, FiniteSum

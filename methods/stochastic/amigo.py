@@ -13,7 +13,7 @@ benchmark_bilevel, SGD for both inner problems), with fresh minibatches B of f a
 
 The v loop is SGD on the quadratic 1/2 v^T grad2_yy f v - g_y . v, so v tends to **+** [grad2_yy f]^-1 grad_y F
 and the hypergradient estimate is g_x - grad2_xy f v. This is the opposite sign of SOBA/SABA/SRBA's v (which
-tend to -v*, see :mod:`.base`); AmIGO keeps the benchmark's convention.
+tend to -v*, see ``methods.stochastic.base``); AmIGO keeps the benchmark's convention.
 
 Steps are constant, (rho, eta, gamma) = (step_size, step_size, step_size / outer_ratio): the benchmark's
 schedule with zero exponents. Everything after the y loop is taken at the new y and the current x.
@@ -29,7 +29,7 @@ v = [grad2_yy f]^-1 grad_y F exactly, hence x = x* (no truncation bias, unlike S
 steps it converges there linearly; with many inner steps one iteration is a step of exact hypergradient
 descent, x <- x - gamma grad h(x).
 
-:func:`sgd_on_y` and the outer iteration (:class:`TwoLoopImplicit`) are shared with StocBiO (:mod:`.stocbio`),
+``sgd_on_y`` and the outer iteration (``TwoLoopImplicit``) are shared with StocBiO (``methods.stochastic.stocbio``),
 which differs only in how it approximates [grad2_yy f]^-1 g_y.
 """
 from __future__ import annotations
@@ -49,9 +49,9 @@ def sgd_on_y(solver: StochasticSolver, n_steps: int, lr: float) -> None:
 
 
 class TwoLoopImplicit(StochasticSolver):
-    """The outer iteration shared by AmIGO and StocBiO (:mod:`.stocbio`); subclasses give :meth:`_solve`.
+    """The outer iteration shared by AmIGO and StocBiO (``methods.stochastic.stocbio``); subclasses give ``_solve``.
 
-    One step: :func:`sgd_on_y` (``n_inner_steps`` steps of size ``step_size``); an outer batch for
+    One step: ``sgd_on_y`` (``n_inner_steps`` steps of size ``step_size``); an outer batch for
     (grad_y F, grad_x F) at the new y; ``w = self._solve(grad_y F)``, an approximation of
     **+** [grad2_yy f]^-1 grad_y F drawing its own inner batches; a fresh inner batch for the cross product;
     ``x <- x - (step_size / outer_ratio) (grad_x F - grad2_xy f w)``.
@@ -81,8 +81,18 @@ class TwoLoopImplicit(StochasticSolver):
 
 
 class AmIGO(TwoLoopImplicit):
-    """AmIGO; see the module docstring. Defaults (the benchmark's): step_size 0.1, outer_ratio 1,
-    n_inner_steps 10 (SGD steps on y and on v per outer iteration).
+    """AmIGO (Arbel and Mairal, ICLR 2022): warm-started SGD on y and on v, then one step on x.
+
+    Per iteration, each step on a fresh inner batch B: ``n_inner_steps`` steps y <- y - rho grad_y f_B, then
+    ``n_inner_steps`` steps v <- v - eta (grad2_yy f_B v - grad_y F_j), then
+    x <- x - gamma (grad_x F_j - grad2_xy f_B v), with rho = eta = step_size and gamma = step_size / outer_ratio
+    (the full description: the docstring of the module ``methods.stochastic.amigo``). Defaults (the
+    benchmark's): step_size 0.1, outer_ratio 1, n_inner_steps 10 (SGD steps on y and on v per outer iteration).
+
+    Args:
+        n_inner_steps: the SGD steps on y and on v per outer iteration.
+        **kwargs: [`StochasticSolver`][methods.stochastic.StochasticSolver]'s ``max_norm``.
+
 
     Attributes:
         v: the warm-started approximation of **+** [grad2_yy f]^-1 grad_y F (flat, like ``y``).

@@ -6,9 +6,9 @@
 
 A solver holds the state of one run: the lower variable y, the upper variable x and, for the methods that
 carry it, the linear-system variable v, each one flat vector (``params``/``hparams`` give them back in the
-caller's shapes); one :meth:`StochasticSolver.step` is one outer iteration of the paper's algorithm, and y
-and v stay where the last step left them (the warm starts). ``inner`` (f) and ``outer`` (F) are
-:class:`~methods.stochastic.oracle.FiniteSum` oracles; every derivative goes through the few primitives
+caller's shapes); one [`StochasticSolver.step`][methods.stochastic.StochasticSolver.step] is one outer iteration of the
+paper's algorithm, and y and v stay where the last step left them (the warm starts). ``inner`` (f) and ``outer`` (F) are
+[`FiniteSum`][methods.stochastic.FiniteSum] oracles; every derivative goes through the few primitives
 here (a minibatch gradient, a gradient with its Hessian- and cross-vector products at the same batch), which
 count the per-sample evaluations: ``oracle_calls`` is that count in minibatch units.
 
@@ -63,10 +63,12 @@ def check_count(value, name: str, minimum: int = 1) -> int:
 
 @dataclass
 class StochasticResult:
-    """What :meth:`StochasticSolver.run` returns: the final ``params`` (y) and ``hparams`` (x) in the
-    caller's shapes, ``steps`` taken, ``oracle_calls`` (per-sample derivative evaluations / batch size, over
-    both oracles), ``time`` (seconds in steps, callbacks excluded) and the ``history`` of callback records.
-    ``approximate`` is always True: x is a stochastic iterate, not a certified solution."""
+    """The result of [`run`][methods.stochastic.StochasticSolver.run]: the final iterate, the costs and the history.
+
+    The final ``params`` (y) and ``hparams`` (x) in the caller's shapes, ``steps`` taken, ``oracle_calls`` (per-sample
+    derivative evaluations / batch size, over both oracles), ``time`` (seconds in steps, callbacks excluded) and the
+    ``history`` of callback records. ``approximate`` is always True: x is a stochastic iterate, not a certified
+    solution."""
     params: List[Tensor]
     hparams: List[Tensor]
     steps: int
@@ -77,8 +79,11 @@ class StochasticResult:
 
 
 class StochasticSolver:
-    """Base of the minibatch bilevel solvers. Subclasses implement :meth:`_step` (one outer iteration)
-    with the primitives below and set ``name``.
+    """Base of the minibatch bilevel solvers: the state (y, v, x), the derivative primitives and the run loop.
+
+    Subclasses implement ``_step`` (one outer iteration) with the primitives below and set ``name``. The
+    state is flat: ``y``, ``x`` and ``v`` are one vector each (``params`` and ``hparams`` give y and x back in
+    the caller's shapes).
 
     Args:
         inner: the oracle of f (lower).
@@ -87,12 +92,14 @@ class StochasticSolver:
         hparams: the starting x (a tensor or a list of tensors; copied, never written).
         step_size: the inner step size rho (the benchmark's ``step_size``).
         outer_ratio: the outer step size is ``step_size / outer_ratio``.
-        max_norm: a state norm above this raises :class:`hypergrad.DivergenceError` (default
+        max_norm: a state norm above this raises [`hypergrad.DivergenceError`][hypergrad.DivergenceError] (default
             1e8 x (1 + the starting norm)).
     """
 
     name = "stochastic"
+    """The method's name (in messages, ``repr`` and progress bars)."""
     uses_v = True
+    """Whether the safety check watches ``v`` (False for the methods that carry no linear-system variable)."""
 
     def __init__(self, inner: FiniteSum, outer: FiniteSum, params: Tensors, hparams: Tensors, *,
                  step_size: float = 0.1, outer_ratio: float = 1.0, max_norm: Optional[float] = None):
@@ -132,8 +139,11 @@ class StochasticSolver:
 
     @property
     def oracle_calls(self) -> float:
-        """Per-sample derivative evaluations of both oracles, in minibatch units (a full-batch gradient of
-        f counts n / batch_size; a gradient with its Hessian-vector product at the same batch counts 2)."""
+        """Per-sample derivative evaluations of both oracles, in minibatch units.
+
+        A full-batch gradient of f counts n / batch_size; a gradient with its Hessian-vector product at the
+        same batch counts 2.
+        """
         return self.inner.calls(self.samples["inner"]) + self.outer.calls(self.samples["outer"])
 
     @staticmethod
@@ -147,6 +157,7 @@ class StochasticSolver:
 
     @property
     def outer_step_size(self) -> float:
+        """The outer step size gamma = step_size / outer_ratio (before any schedule)."""
         return self.step_size / self.outer_ratio
 
     # -- derivative primitives (flat vectors in, flat vectors out) -------------------------------------
@@ -169,8 +180,10 @@ class StochasticSolver:
 
     def grad_and_products(self, y: Tensor, x: Tensor, v: Tensor, batch: Batch,
                           grad: bool = True) -> Tuple[Optional[Tensor], Tensor, Tensor]:
-        """At one batch of the inner oracle: (grad_y f_B, grad2_yy f_B v, grad2_xy f_B v) from one forward
-        and two backward passes (``grad=False``: the gradient is not returned)."""
+        """(grad_y f_B, grad2_yy f_B v, grad2_xy f_B v) at (y, x) on one batch B of the inner oracle.
+
+        One forward and two backward passes (``grad=False``: the gradient is not returned, None in its place).
+        """
         yl, xl = y.detach().requires_grad_(), x.detach().requires_grad_()
         with torch.enable_grad():
             loss = self._loss(self.inner, yl, xl, batch)
@@ -220,11 +233,20 @@ class StochasticSolver:
 
     def run(self, n_steps: int, *, callback: Optional[Callable[["StochasticSolver"], Any]] = None,
             eval_every: int = 1, max_time: Optional[float] = None, progress: bool = False) -> StochasticResult:
-        """``n_steps`` steps (fewer once ``max_time`` seconds were spent in steps); every ``eval_every`` steps
-        (and at the start and the end) ``callback(self)`` is called and its value recorded in ``history`` with
-        the step, the oracle calls and the time spent in steps (callbacks excluded; ``self.time_spent`` is the
-        running total, so a callback can evaluate on a time grid). A callback returning ``False`` stops the
-        run; one returning ``None`` is not recorded."""
+        """Run ``n_steps`` outer iterations; returns a [`StochasticResult`][methods.stochastic.StochasticResult].
+
+        Every ``eval_every`` steps (and at the start and the end) ``callback(self)`` is called and its value
+        recorded in the result's ``history`` with the step, the oracle calls and the time spent in steps
+        (callbacks excluded; ``self.time_spent`` is the running total, so a callback can evaluate on a time
+        grid).
+
+        Args:
+            n_steps: the number of steps (fewer once ``max_time`` seconds were spent in steps).
+            callback: ``callback(solver)``; a return value of ``False`` stops the run, ``None`` is not recorded.
+            eval_every: the steps between two callbacks.
+            max_time: the most seconds spent in steps (None: no limit).
+            progress: show a ``tqdm`` progress bar.
+        """
         check_count(n_steps, "n_steps", 0)
         check_count(eval_every, "eval_every")
         if max_time is not None:

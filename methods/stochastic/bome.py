@@ -45,8 +45,22 @@ from .base import StochasticSolver, check_count, check_positive
 
 
 class BOME(StochasticSolver):
-    """BOME; see the module docstring. Defaults (the benchmark's): step_size 0.1, outer_ratio 1, eta 0.5,
+    """BOME (Liu et al., NeurIPS 2022): one dynamic-barrier step on (y, x) for the value-function constraint.
+
+    With y_T = ``n_inner_steps`` gradient steps on f from y and q(y, x) = f(y, x) - f(y_T, x):
+    ``lambda = max(phi - <grad F, grad q>, 0) / ||grad q||^2`` (0 where grad q = 0), then
+    (y, x) <- (y - rho (grad_y F + lambda grad_y q), x - xi (grad_x F + lambda grad_x q)), with constant
+    rho = step_size and xi = step_size / outer_ratio (the full description: the docstring of the module
+    ``methods.stochastic.bome``). Defaults (the benchmark's): step_size 0.1, outer_ratio 1, eta 0.5,
     n_inner_steps 10, choice_phi "grad_norm", and full batches (``batches="full"``).
+
+    Args:
+        eta: the constant of phi.
+        n_inner_steps: T, the gradient steps on f that give y_T.
+        choice_phi: "grad_norm" (phi = eta ||grad q||^2) or "value" (phi = eta q(y, x)).
+        batches: "full" (every gradient and value at full batch) or "stochastic" (the oracles' minibatches).
+        **kwargs: [`StochasticSolver`][methods.stochastic.StochasticSolver]'s ``max_norm``.
+
 
     Attributes:
         lmbda: the multiplier lambda of the last iteration (a 0-dim tensor; None before the first).

@@ -55,8 +55,23 @@ DECAY = (5 / 7, 4 / 7, 4 / 7, 1 / 7)
 
 
 class F2SA(StochasticSolver):
-    """F2SA; see the module docstring. Defaults (the benchmark's): step_size 0.01, outer_ratio 1, lmbda0 1,
-    delta_lmbda 0.1, n_inner_steps 10, decay (5/7, 4/7, 4/7, 1/7).
+    """F2SA (Kwon et al., ICML 2023): first-order steps on a penalty form with a growing multiplier lambda.
+
+    On L_lambda(y, z, x) = F(y, x) + lambda (f(y, x) - f(z, x)), per iteration: ``n_inner_steps`` steps
+    y <- y - alpha_t (lambda_t grad_y f + grad_y F) and z <- z - gamma_t grad_y f(z, x), then
+    x <- x - xi_t (grad_x F(y, x) + lambda_t (grad_x f(y, x) - grad_x f(z, x))) and
+    lambda_{t+1} = lambda_t + delta_t, every gradient on a fresh minibatch; the schedules are c / (t + 1)^e
+    with c = step_size, step_size, step_size / outer_ratio, delta_lmbda (the full description: the docstring
+    of the module ``methods.stochastic.f2sa``). Defaults (the benchmark's): step_size 0.01, outer_ratio 1,
+    lmbda0 1, delta_lmbda 0.1, n_inner_steps 10, decay (5/7, 4/7, 4/7, 1/7).
+
+    Args:
+        lmbda0: the starting multiplier lambda_0 (> 0).
+        delta_lmbda: the constant of the multiplier's increment delta_t (0: a fixed multiplier).
+        n_inner_steps: the steps on y and z per iteration.
+        decay: the four exponents e of the (y, z, x, delta lambda) schedules.
+        **kwargs: [`StochasticSolver`][methods.stochastic.StochasticSolver]'s ``max_norm``.
+
 
     Attributes:
         z: the approximation of y*(x) (flat, like ``y``), carried between iterations.

@@ -46,8 +46,19 @@ class _FullBatch(StochasticSolver):
 
 
 class FullBatchImplicit(_FullBatch):
-    """Full-batch implicit differentiation (see the module docstring): ``solver`` any of the core's
-    (``hypergrad.SOLVERS``), at most ``k`` iterations to relative residual ``tol``."""
+    """Full-batch gradient descent on x with the implicit hypergradient (``methods.implicit``).
+
+    Per iteration: ``n_inner_steps`` gradient steps on f from the last y (step ``step_size``), the
+    hypergradient grad_x F - grad2_xy f [grad2_yy f]^-1 grad_y F at that y by ``solver`` (warm-started from
+    the last adjoint), then x <- x - (step_size / outer_ratio) grad.
+
+    Args:
+        n_inner_steps: the gradient steps on y per iteration (0: y is taken as it is).
+        solver: any of the core's ([`hypergrad.SOLVERS`][hypergrad.SOLVERS]).
+        k: the solver's iteration limit.
+        tol: its residual tolerance (as in [`implicit_hypergradient`][methods.implicit_hypergradient]).
+        **kwargs: [`StochasticSolver`][methods.stochastic.StochasticSolver]'s ``max_norm``.
+    """
 
     name = "Implicit"
 
@@ -70,8 +81,15 @@ class FullBatchImplicit(_FullBatch):
 
 
 class FullBatchRAD(_FullBatch):
-    """Full-batch reverse-mode differentiation through ``n_inner_steps`` lower steps (see the module
-    docstring)."""
+    """Full-batch gradient descent on x with the reverse-mode hypergradient (RAD, ``methods.dynamic``).
+
+    Per iteration: reverse mode through ``n_inner_steps`` gradient steps on f (step ``step_size``) from the
+    last y, then x <- x - (step_size / outer_ratio) grad.
+
+    Args:
+        n_inner_steps: the differentiated gradient steps on y per iteration (>= 1).
+        **kwargs: [`StochasticSolver`][methods.stochastic.StochasticSolver]'s ``max_norm``.
+    """
 
     name = "RAD"
     min_inner_steps = 1

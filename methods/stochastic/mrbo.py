@@ -5,7 +5,7 @@ A single-loop method: y and x move together along STORM-type momentum-recursive 
 gradient and of the hypergradient. Each estimator is corrected by the difference of the same-batch quantities
 at the current point (y, x) and at the previous one (y_old, x_old), and shrunk towards the fresh estimate by
 the momentum weight eta_t. The inverse Hessian-vector product [grad2_yy f]^-1 grad_y F is replaced by the
-truncated stochastic Neumann series of :func:`joint_neumann`, evaluated *jointly* at both points with the same
+truncated stochastic Neumann series of ``joint_neumann``, evaluated *jointly* at both points with the same
 inner batches (so the two hypergradient estimates of the difference share their noise).
 
 One iteration t (0-based; the order of benchopt's benchmark_bilevel ``solvers/mrbo.py``), with B an inner
@@ -44,7 +44,7 @@ truncated Neumann series eta sum_{k<=K} (I - eta H)^k; with enough Neumann terms
 x* = argmin h.
 
 ``v`` keeps the last Neumann result w (same sign as AmIGO's v, +[grad2_yy f]^-1 grad_y F) for inspection; it is
-never read. :func:`joint_neumann` is shared with VRBO (:mod:`.vrbo`).
+never read. ``joint_neumann`` is shared with VRBO (``methods.stochastic.vrbo``).
 """
 from __future__ import annotations
 
@@ -104,12 +104,26 @@ def paired_estimates(solver: StochasticSolver, new, old, n_steps: int, eta: floa
     return g, gx - jw, w, g0, gx0 - jw0
 
 class MRBO(StochasticSolver):
-    """MRBO; see the module docstring. Defaults (the benchmark's): step_size 0.1, outer_ratio 1,
-    n_shia_steps 10 (Neumann terms beyond the first), eta 0.5 (momentum weight, in (0, 1]).
+    """MRBO (Yang, Ji and Liang, NeurIPS 2021): single-loop steps along momentum-recursive (STORM) estimators.
+
+    d_y <- g + (1 - eta_t) (d_y - g_old) and d_x <- p + (1 - eta_t) (d_x - p_old), with g = grad_y f_B and p the
+    Neumann estimate of the hypergradient, at (y, x) and (on the same batches) at the previous iterate; then
+    y <- y - rho_t d_y, x <- x - gamma_t d_x, with rho_t = step_size / (t + 1)^(1/3),
+    gamma_t = rho_t / outer_ratio and eta_t = eta / (t + 1)^(2/3) (the full description: the docstring of the
+    module ``methods.stochastic.mrbo``). Defaults (the benchmark's): step_size 0.1, outer_ratio 1,
+    n_shia_steps 10, eta 0.5.
+
+    Args:
+        n_shia_steps: the Neumann terms beyond the first.
+        eta: the constant of the momentum weight, in (0, 1].
+        **kwargs: [`StochasticSolver`][methods.stochastic.StochasticSolver]'s ``max_norm``.
+
 
     Attributes:
-        d_y, d_x: the momentum-recursive estimators of grad_y f and of the hypergradient (zero at the start).
-        y_old, x_old: the previous iterate (zero at the start, see the module docstring).
+        d_y: the momentum-recursive estimator of grad_y f (zero at the start).
+        d_x: the momentum-recursive estimator of the hypergradient (zero at the start).
+        y_old: the previous y (zero at the start, see the docstring of the module ``methods.stochastic.mrbo``).
+        x_old: the previous x (zero at the start, likewise).
         v: the last Neumann approximation of [grad2_yy f]^-1 grad_y F at (y, x) (diagnostic; never read).
     """
 

@@ -6,7 +6,7 @@ Convention (the one every stochastic solver and the deterministic ones speak)::
 
 ``loss`` is the user's: it gets the lower and upper variables as lists of tensors (the core convention) and a
 ``LongTensor`` of sample indices on the data's device, and indexes its own data with it (``X[idx]``), so any
-data layout works. :class:`FiniteSum` owns the sampling:
+data layout works. [`FiniteSum`][methods.stochastic.FiniteSum] owns the sampling:
 
 * the n samples are cut once into K fixed blocks of ``batch_size`` consecutive indices (the last one may be
   smaller; ``shuffle_samples=True`` cuts a fixed random permutation instead), and each epoch visits the
@@ -34,19 +34,27 @@ BatchLoss = Callable[[Sequence[Tensor], Sequence[Tensor], Tensor], Tensor]
 
 @dataclass(frozen=True)
 class Batch:
-    """One minibatch: sample indices ``idx``, its ``block`` id (None for a custom sampler or the full
-    batch) and the ``scale`` that makes ``scale * mean_{idx} f_i`` an unbiased estimate of f."""
+    """One minibatch, as [`FiniteSum.sample`][methods.stochastic.FiniteSum.sample] returns it.
+
+    Sample indices ``idx``, its ``block`` id (None for a custom sampler or the full batch) and the ``scale``
+    that makes ``scale * mean_{idx} f_i`` an unbiased estimate of f.
+    """
     idx: Tensor
     block: Optional[int]
     scale: float
 
     @property
     def size(self) -> int:
+        """The number of sample indices, ``idx.numel()``."""
         return int(self.idx.numel())
 
 
 class FiniteSum:
-    """f = 1/n sum_i f_i over ``n_samples`` samples, sampled in minibatches (see the module docstring).
+    """f = 1/n sum_i f_i over ``n_samples`` samples, sampled in minibatches.
+
+    The n samples are cut once into K fixed blocks of ``batch_size`` indices, and each epoch visits the blocks
+    once in a fresh random order; a block's estimate is scaled by K |B_k| / n, so that every estimate is
+    unbiased. Calling the oracle, ``f(params, hparams)``, gives the full mean (a loss of the core convention).
 
     Args:
         loss: ``loss(params, hparams, idx) -> scalar``, the mean of f_i over the indices ``idx``.
@@ -114,7 +122,7 @@ class FiniteSum:
         return self.block(k)
 
     def block(self, k: int) -> Batch:
-        """Block ``k`` as a :class:`Batch` (its estimate scaled by K |B_k| / n)."""
+        """Block ``k`` as a [`Batch`][methods.stochastic.Batch] (its estimate scaled by K |B_k| / n)."""
         idx = self.blocks[k]
         return Batch(idx, k, self.n_blocks * idx.numel() / self.n)
 

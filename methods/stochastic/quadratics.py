@@ -35,7 +35,10 @@ def _orthogonal(d: int, g: torch.Generator, dtype) -> Tensor:
 
 @dataclass
 class SampleQuadratics:
-    """The factors of n per-sample quadratics (see the module docstring); ``loss(y, x, idx)`` is the mean
+    """The factors of n per-sample quadratics in (y in R^p, x in R^q), one row per sample.
+
+    f_i(y, x) = 1/2 (a_i . y)^2 + 1/2 (b_i . x)^2 + (c_i . x)(e_i . y) + l_i . y + m_i . x, with the rows
+    a_i, b_i, c_i, e_i, l_i, m_i of ``a``, ``b``, ``c``, ``e``, ``l_``, ``m_``. ``loss(y, x, idx)`` is the mean
     over ``idx``; ``H, G, C, l, m`` are the means (the full-batch quadratic's matrices)."""
     a: Tensor
     b: Tensor
@@ -46,6 +49,7 @@ class SampleQuadratics:
 
     @property
     def n(self) -> int:
+        """The number of samples n."""
         return self.a.shape[0]
 
     def loss(self, y: Tensor, x: Tensor, idx: Tensor) -> Tensor:
@@ -55,36 +59,58 @@ class SampleQuadratics:
         return (0.5 * ay * ay + 0.5 * bx * bx + cross + self.l_[idx] @ y + self.m_[idx] @ x).mean()
 
     def batch_loss(self, params: Sequence[Tensor], hparams: Sequence[Tensor], idx: Tensor) -> Tensor:
-        """:meth:`loss` in the oracle convention (lists of one tensor each)."""
+        """[`loss`][methods.stochastic.quadratics.SampleQuadratics.loss] in the oracle convention (one-tensor lists)."""
         return self.loss(params[0], hparams[0], idx)
 
     @property
     def H(self) -> Tensor:
+        """The mean of H_i = a_i a_i^T, (p, p): the full-batch Hessian in y."""
         return self.a.T @ self.a / self.n
 
     @property
     def G(self) -> Tensor:
+        """The mean of G_i = b_i b_i^T, (q, q): the full-batch Hessian in x."""
         return self.b.T @ self.b / self.n
 
     @property
     def C(self) -> Tensor:
+        """The mean of C_i = c_i e_i^T, (q, p): the full-batch cross term, grad2_xy f."""
         return self.c.T @ self.e / self.n
 
     @property
     def l(self) -> Tensor:  # noqa: E743
+        """The mean of l_i, (p,): the full-batch linear term in y."""
         return self.l_.mean(0)
 
     @property
     def m(self) -> Tensor:
+        """The mean of m_i, (q,): the full-batch linear term in x."""
         return self.m_.mean(0)
 
     def to(self, *args, **kwargs) -> "SampleQuadratics":
+        """The same quadratics with every factor converted by ``Tensor.to(*args, **kwargs)`` (device, dtype)."""
         return SampleQuadratics(*(t.to(*args, **kwargs) for t in (self.a, self.b, self.c, self.e, self.l_, self.m_)))
 
 
 def sample_quadratics(n: int, p: int, q: int, L_inner: float, L_outer: float, L_cross: float, mu: float,
                       g: torch.Generator, dtype=torch.float64) -> SampleQuadratics:
-    """n per-sample quadratics in (y in R^p, x in R^q) with the spectra of the module docstring."""
+    """n per-sample quadratics in (y in R^p, x in R^q) whose means have prescribed spectra.
+
+    E[H_i] has its spectrum log-spaced in [mu, L_inner], E[G_i] in [mu, L_outer] plus one zero eigenvalue,
+    and E[C_i] its singular values log-spaced in [mu, L_cross] (the recipe of benchopt's benchmark_bilevel,
+    restated in the docstring of the module ``methods.stochastic.quadratics``).
+
+    Args:
+        n: the number of samples.
+        p: the dimension of y.
+        q: the dimension of x.
+        L_inner: the largest eigenvalue of the mean Hessian in y.
+        L_outer: the largest eigenvalue of the mean Hessian in x.
+        L_cross: the largest singular value of the mean cross term.
+        mu: the smallest eigenvalue (and singular value) of those spectra.
+        g: the ``torch.Generator`` of every draw.
+        dtype: the dtype of the factors.
+    """
     U = _orthogonal(p, g, dtype)
     S = U @ torch.diag(torch.logspace(0.5 * torch.log10(torch.tensor(mu)).item(),
                                       0.5 * torch.log10(torch.tensor(L_inner)).item(), p, dtype=dtype)) @ U.T
@@ -107,8 +133,9 @@ def sample_quadratics(n: int, p: int, q: int, L_inner: float, L_outer: float, L_
 
 @dataclass
 class QuadraticBilevel:
-    """An inner (f) and an outer (F) set of sample quadratics; ``min_eig`` is the smallest eigenvalue of the
-    value function's Hessian (> 0 by construction)."""
+    """A synthetic bilevel problem: an inner (f) and an outer (F) set of sample quadratics.
+
+    ``min_eig`` is the smallest eigenvalue of the value function's Hessian (> 0 by construction)."""
     inner: SampleQuadratics
     outer: SampleQuadratics
     min_eig: float
@@ -125,9 +152,28 @@ def make_quadratic_bilevel(n_inner: int = 1024, n_outer: int = 1024, dim_inner: 
                            L_outer_inner: float = 1.0, L_outer_outer: float = 1.0, L_cross_inner: float = 0.1,
                            L_cross_outer: float = 0.1, seed: int = 2442, dtype=torch.float64,
                            max_tries: int = 20) -> QuadraticBilevel:
-    """The benchmark's ``simulated`` data set: draw inner and outer sample quadratics until the value
-    function's Hessian is positive definite (smallest eigenvalue >= 1e-12). The defaults are its own;
-    the issue's setting is ``n_inner=32768, dim_outer=10``."""
+    """The benchmark's ``simulated`` data set: a [`QuadraticBilevel`][methods.stochastic.quadratics.QuadraticBilevel].
+
+    Draws inner and outer sample quadratics ([`sample_quadratics`][methods.stochastic.quadratics.sample_quadratics])
+    until the value function's Hessian is positive definite (smallest eigenvalue >= 1e-12), else raises
+    ``ValueError``. The defaults are its own; the issue's setting is ``n_inner=32768, dim_outer=10``.
+
+    Args:
+        n_inner: the samples of f.
+        n_outer: the samples of F.
+        dim_inner: the dimension p of y.
+        dim_outer: the dimension q of x.
+        mu: the smallest eigenvalue of every spectrum.
+        L_inner_inner: f's largest eigenvalue in y (``L_inner`` of its draw).
+        L_inner_outer: F's largest eigenvalue in y.
+        L_outer_inner: f's largest eigenvalue in x (``L_outer`` of its draw).
+        L_outer_outer: F's largest eigenvalue in x.
+        L_cross_inner: f's largest cross singular value.
+        L_cross_outer: F's largest cross singular value.
+        seed: the seed of the draws.
+        dtype: the dtype of the factors.
+        max_tries: the draws before giving up.
+    """
     g = torch.Generator().manual_seed(seed)
     for _ in range(max_tries):
         inner = sample_quadratics(n_inner, dim_inner, dim_outer, L_inner_inner, L_outer_inner, L_cross_inner,

@@ -1,12 +1,13 @@
 """SABA, the Stochastic Average Bilevel Algorithm (Dagreou, Ablin, Vaiter and Moreau, "A framework for bilevel
 optimization that enables stochastic and global variance reduction algorithms", NeurIPS 2022).
 
-SOBA's three directions (see :mod:`.soba`) with SAGA variance reduction applied to each of the five
+SOBA's three directions (see ``methods.stochastic.soba``) with SAGA variance reduction applied to each of the five
 per-batch quantities they are sums of: from the inner batch (block k of f) grad_y f_k, grad2_yy f_k v and
 grad2_xy f_k v, from the outer batch (block j of F) grad_y F_j and grad_x F_j. For each quantity phi the
 solver keeps a memory m_1..m_K, one row per block of its oracle (K = that oracle's ``n_blocks``), and its
 running mean m_bar = 1/K sum_k m_k. At each iteration, with phi_k the quantity at the current (y, v, x) on
-the sampled block k (:class:`FiniteSum` scales a block's estimate by K |B_k| / n, so E_k[phi_k] = phi)::
+the sampled block k ([`FiniteSum`][methods.stochastic.FiniteSum] scales a block's estimate by K |B_k| / n, so
+E_k[phi_k] = phi)::
 
     phi_hat = phi_k - m_k + m_bar                  (unbiased for any memory: E_k[m_k] = m_bar)
     m_bar  <- m_bar + (phi_k - m_k) / K,   m_k <- phi_k
@@ -44,8 +45,19 @@ _QUANTITIES = {"inner_grad": ("inner", "y"), "hvp": ("inner", "y"), "cross_v": (
 
 
 class SABA(StochasticSolver):
-    """SABA; see the module docstring. Defaults: step_size 0.1, outer_ratio 1, init_memory "zero" (the
-    benchmark's).
+    """SABA (Dagreou et al., NeurIPS 2022): SOBA's directions with SAGA variance reduction of their five terms.
+
+    Each per-batch term phi_k (block k) enters as phi_k - m_k + m_bar, m_k its memory of block k and m_bar the
+    mean of the memories; then y <- y - rho D_y, v <- v - rho D_v, x <- x - gamma D_x with constant steps
+    rho = step_size, gamma = rho / outer_ratio (the full description: the docstring of the module
+    ``methods.stochastic.saba``). Needs the oracles' blocks (no custom ``sampler``). Defaults: step_size 0.1,
+    outer_ratio 1, init_memory "zero" (the benchmark's).
+
+    Args:
+        init_memory: "zero" (every memory starts at 0) or "full" (every block's row at the starting point,
+            a full pass over both oracles when the solver is built, counted in ``oracle_calls``).
+        **kwargs: [`StochasticSolver`][methods.stochastic.StochasticSolver]'s ``max_norm``.
+
 
     Attributes:
         memory: name -> [K, dim] table of the last value of that quantity on each block (names:

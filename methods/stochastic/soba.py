@@ -19,7 +19,17 @@ from .base import StochasticSolver, check_positive
 
 
 class SOBA(StochasticSolver):
-    """SOBA; see the module docstring. Defaults: step_size 0.1, outer_ratio 1, decay 1/2 (the benchmark's)."""
+    """SOBA (Dagreou et al., NeurIPS 2022): y, v and x step together along one minibatch estimate per direction.
+
+    With i a sample of f and j of F: y <- y - rho_t grad_y f_i, v <- v - rho_t (grad2_yy f_i v + grad_y F_j),
+    x <- x - gamma_t (grad2_xy f_i v + grad_x F_j), where rho_t = step_size / (t + 1)^decay and
+    gamma_t = rho_t / outer_ratio (the full description: the docstring of the module ``methods.stochastic.soba``).
+    Defaults: step_size 0.1, outer_ratio 1, decay 1/2 (the benchmark's).
+
+    Args:
+        decay: the exponent of the step-size schedule (0: constant steps).
+        **kwargs: [`StochasticSolver`][methods.stochastic.StochasticSolver]'s ``max_norm``.
+    """
 
     name = "SOBA"
 

@@ -1,7 +1,7 @@
 """SRBA, the Stochastic Recursive Bilevel Algorithm (Dagreou, Moreau, Vaiter and Ablin, "A Lower Bound and a
 Near-Optimal Algorithm for Bilevel Empirical Risk Minimization", AISTATS 2024).
 
-SOBA's three directions (see :mod:`.soba`) estimated SARAH-style: every ``period`` iterations they are
+SOBA's three directions (see ``methods.stochastic.soba``) estimated SARAH-style: every ``period`` iterations they are
 recomputed at full batch, and in between each is corrected by the difference of the same-batch quantities at
 the current and the previous iterate. With z = (y, v, x), z_old the previous iterate and, for a batch i of f
 and j of F, the per-batch directions
@@ -35,13 +35,27 @@ from .base import StochasticSolver, check_positive
 
 
 class SRBA(StochasticSolver):
-    """SRBA; see the module docstring. Defaults: step_size 0.1, outer_ratio 1, period_frac 0.5 (the
-    benchmark's).
+    """SRBA (Dagreou et al., AISTATS 2024): SOBA's directions as SARAH-style recursive estimates.
+
+    Every ``period`` iterations (t = 0 included) the directions d are recomputed at full batch; in between,
+    d <- d + D^{ij}(z) - D^{ij}(z_old) on one block i of f and j of F, z = (y, v, x) and z_old the previous
+    iterate; then y <- y - rho d_y, v <- v - rho d_v, x <- x - gamma d_x with constant steps rho = step_size,
+    gamma = rho / outer_ratio (the full description: the docstring of the module ``methods.stochastic.srba``).
+    Defaults: step_size 0.1, outer_ratio 1, period_frac 0.5 (the benchmark's).
+
+    Args:
+        period_frac: period = int((n_inner + n_outer) * period_frac / inner batch size), at least 1.
+        **kwargs: [`StochasticSolver`][methods.stochastic.StochasticSolver]'s ``max_norm``.
+
 
     Attributes:
         period: the iterations between two full-batch recomputations of the directions.
-        d_y, d_v, d_x: the current recursive directions.
-        y_old, v_old, x_old: the previous iterate (where the last directions were evaluated).
+        d_y: the current recursive direction of y.
+        d_v: the current recursive direction of v.
+        d_x: the current recursive direction of x.
+        y_old: the previous y (where the last directions were evaluated).
+        v_old: the previous v.
+        x_old: the previous x.
     """
 
     name = "SRBA"

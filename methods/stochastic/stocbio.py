@@ -31,7 +31,7 @@ eta sum_{k<=K} (I - eta H)^k g_y; StocBiO then converges (small enough steps) to
 K-truncated hypergradient, which differs from x* by the truncation bias (of order (1 - eta mu)^(K+1), mu the
 smallest eigenvalue of f's Hessian), not to x* itself.
 
-The y loop and the outer update are :mod:`.amigo`'s (:class:`~.amigo.TwoLoopImplicit`, shared with AmIGO).
+The y loop and the outer update are ``methods.stochastic.amigo``'s (``TwoLoopImplicit``, shared with AmIGO).
 """
 from __future__ import annotations
 
@@ -52,8 +52,18 @@ def stochastic_neumann(solver: StochasticSolver, b: Tensor, n_steps: int, eta: f
 
 
 class StocBiO(TwoLoopImplicit):
-    """StocBiO; see the module docstring. Defaults (the benchmark's): step_size 0.1, outer_ratio 1,
-    n_inner_steps 10 (SGD steps on y), n_shia_steps 10 (Neumann terms beyond the first; 0 gives w = eta g_y).
+    """StocBiO (Ji, Yang and Liang, ICML 2021): SGD on y, then a step on x with a stochastic Neumann series.
+
+    Per iteration: ``n_inner_steps`` SGD steps on y; w = eta sum_{k<=K} prod_{j<=k} (I - eta grad2_yy f_{B_j}) g_y
+    (K = ``n_shia_steps``, a fresh batch per factor) approximates [grad2_yy f]^-1 g_y, g_y = grad_y F_j; then
+    x <- x - gamma (grad_x F_j - grad2_xy f_B w), with rho = eta = step_size and gamma = step_size / outer_ratio
+    (the full description: the docstring of the module ``methods.stochastic.stocbio``). Defaults (the
+    benchmark's): step_size 0.1, outer_ratio 1, n_inner_steps 10 (SGD steps on y), n_shia_steps 10.
+
+    Args:
+        n_shia_steps: K, the Neumann terms beyond the first (0 gives w = eta g_y).
+        **kwargs: ``step_size``, ``outer_ratio``, ``n_inner_steps`` (SGD steps on y) and ``max_norm``, as in
+            [`AmIGO`][methods.stochastic.AmIGO] and [`StochasticSolver`][methods.stochastic.StochasticSolver].
 
     Attributes:
         v: the last Neumann approximation of [grad2_yy f]^-1 grad_y F (diagnostic; not carried, never read).

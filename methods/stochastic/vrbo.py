@@ -4,7 +4,7 @@ Optimization", NeurIPS 2021).
 A double-loop method with SARAH/SPIDER-type recursive estimators d_y of grad_y f and d_x of the hypergradient:
 every ``period`` outer iterations they are recomputed at full batch, and in between each inner step corrects them
 by the difference of the same-batch quantities at the current y and at the previous one. The inverse
-Hessian-vector product is the truncated Neumann series of :func:`.mrbo.joint_neumann` (at full batch for a
+Hessian-vector product is the truncated Neumann series of ``methods.stochastic.mrbo.joint_neumann`` (at full batch for a
 refresh; jointly at the two points with the same batches for a correction).
 
 One outer iteration t (0-based; the order of benchopt's benchmark_bilevel ``solvers/vrbo.py`` and its
@@ -59,14 +59,31 @@ from .mrbo import joint_neumann, paired_estimates
 
 
 class VRBO(StochasticSolver):
-    """VRBO; see the module docstring. Defaults: step_size 0.1, outer_ratio 1, n_inner_steps 10, n_shia_steps 10
+    """VRBO (Yang, Ji and Liang, NeurIPS 2021): a double loop along SARAH/SPIDER recursive estimators.
+
+    Every ``period`` outer iterations the estimators d_y of grad_y f and d_x of the hypergradient (truncated
+    Neumann series) are recomputed at full batch; each iteration then steps x <- x - gamma d_x and takes
+    ``n_inner_steps`` inner steps, each correcting (d_y, d_x) by the difference of same-batch estimates at the
+    current and the previous y and stepping y <- y - rho d_y; constant steps rho = step_size,
+    gamma = step_size / outer_ratio (the full description: the docstring of the module
+    ``methods.stochastic.vrbo``).
+
+    Defaults: step_size 0.1, outer_ratio 1, n_inner_steps 10, n_shia_steps 10
     (Neumann terms beyond the first) as in the benchmark's ``parameters``, and period_frac 0.01, its tuned
     quadratic setting: its solver file's 128 refreshes the directions once per 128 epochs, and since x moves
     along a direction that ignores the moves of x until the next refresh, it made no progress on our tests.
 
+    Args:
+        n_inner_steps: the inner steps (corrections and steps on y) per outer iteration.
+        n_shia_steps: the Neumann terms beyond the first.
+        period_frac: period = int((n_inner + n_outer) * period_frac / inner batch size), at least 1.
+        **kwargs: [`StochasticSolver`][methods.stochastic.StochasticSolver]'s ``max_norm``.
+
+
     Attributes:
         period: the outer iterations between two full-batch recomputations of the directions.
-        d_y, d_x: the recursive estimators of grad_y f and of the hypergradient.
+        d_y: the recursive estimator of grad_y f.
+        d_x: the recursive estimator of the hypergradient.
         y_old: the y before the last inner step (the old point of the next correction).
         v: the last Neumann approximation of [grad2_yy f]^-1 grad_y F at (y, x) (diagnostic; never read).
     """
