@@ -539,7 +539,15 @@ def grad_unused_zero(output, inputs, grad_outputs=None, retain_graph=False, crea
 
 
 cat_list_to_tensor = tl.flatten
-update_tensor_grads = tl.accumulate_grads
-"""``update_tensor_grads(hparams, grads)``: hparam.grad += grad for each pair, creating ``.grad`` where missing."""
+
+
+def update_tensor_grads(hparams, grads):
+    """hypertorch's helper: hparam.grad += grad for each pair, creating ``.grad`` where missing; a ``None`` grad
+    (an hparam without a gradient) leaves ``.grad`` as it is, zeros where it was missing, as hypertorch does."""
+    for h, g in zip(hparams, grads):
+        if g is not None:
+            tl.accumulate_grads([h], [g])
+        elif h.grad is None:
+            h.grad = torch.zeros_like(h)
 from ._hypertorch_helpers import CG_torch, cat_list_to_tensor, grd, jvp, list_dot  # noqa: E402,F401,F811
 

@@ -303,7 +303,7 @@ class _Monitor:
                               f"there); solving to rtol={default_rtol(b[0].dtype):g} instead. Pass rtol= (relative) "
                               "rather than an absolute tol.", stacklevel=4)
                 thr = R.where(empty, default_rtol(b[0].dtype) * self.bnorm, thr)
-            elif R.any(thr > 1e-3 * self.bnorm):
+            elif R.any((thr > 1e-3 * self.bnorm) & (self.bnorm > 0)):  # b = 0: v = 0 is exact, at any tol
                 warnings.warn(f"{name}: the tolerance is above 1e-3 ||b|| (b = dE/dw): the adjoint, and the "
                               "hypergradient's implicit term, are accurate only to about tol / ||b|| relative; pass "
                               "rtol= (relative) for a tolerance that follows the scale of the outer loss",

@@ -2,6 +2,7 @@
 maps with get_opt_params, truncated reverse over a stored history, and its utility functions."""
 import itertools
 
+import pytest
 import torch
 
 import hypergrad as hg
@@ -60,3 +61,27 @@ def test_heavy_ball_get_opt_params_and_utilities():
     update_tensor_grads([h], [torch.ones(3)])
     update_tensor_grads([h], [torch.ones(3)])
     assert torch.equal(h.grad, 2 * torch.ones(3))
+
+
+def test_update_tensor_grads_skips_none_as_hypertorch_does():
+    """hypertorch's update_tensor_grads leaves a zero .grad for a None gradient (an hparam without one)."""
+    a, b = torch.zeros(2, requires_grad=True), torch.ones(3, requires_grad=True)
+    b.grad = torch.full((3,), 5.0)
+    update_tensor_grads([a, b], [None, None])
+    assert torch.equal(a.grad, torch.zeros(2)) and torch.equal(b.grad, torch.full((3,), 5.0))
+    update_tensor_grads([a, b], [torch.ones(2), None])
+    assert torch.equal(a.grad, torch.ones(2)) and torch.equal(b.grad, torch.full((3,), 5.0))
+
+
+@pytest.mark.parametrize("solver", ["fixed_point", "CG", "neumann", "CG_normaleq"])
+def test_zero_outer_gradient_gives_the_exact_answer_without_a_tolerance_warning(solver):
+    """dE/dw = 0 exactly (E = ||w||^2 / 2 at w = 0): the zero adjoint is exact at any tol, so no warning."""
+    import warnings
+    X = torch.eye(3, dtype=torch.float64)
+    fp_map = hg.GradientDescent(lambda p, h: 0.5 * ((X @ p[0]) ** 2).sum() + 0.5 * (h[0] * p[0] ** 2).sum(), 0.1)
+    w = [torch.zeros(3, dtype=torch.float64, requires_grad=True)]
+    lam = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        g = getattr(hg, solver)(w, [lam], 10, fp_map, lambda p, h: 0.5 * (p[0] ** 2).sum(), set_grad=False)
+    assert torch.equal(g[0], torch.zeros(3, dtype=torch.float64))
