@@ -133,7 +133,7 @@ class BilevelSolver:
     optimizer. With ``warm_start`` the final lower iterate is copied into the lower model's parameters,
     so the next call starts there; otherwise the lower model is never written. Models are never
     re-initialized. Diagnostics of the last call are in [`diagnostics`][methods.BilevelSolver.diagnostics] (and
-    [`last`][methods.BilevelSolver.last]).
+    ``last``).
 
     Args:
         ul_objective: the upper objective, ``objective(state) -> scalar tensor``.

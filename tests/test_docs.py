@@ -47,7 +47,9 @@ def test_pages_have_blocks():
 def test_every_public_name_is_on_the_api_page(package, page):
     mod = importlib.import_module(package)
     text = _read(os.path.join(ROOT, "docs", "api", f"{page}.md"))
-    shown = set(re.findall(rf"^::: {re.escape(package)}\.(\w+)\s*$", text, re.M))
+    pkg = re.escape(package)
+    # ``pkg.name``, or ``pkg.name.name`` where a function shares its module's name (hypergrad.functional)
+    shown = {a for a, b in re.findall(rf"^::: {pkg}\.(\w+)(?:\.(\w+))?\s*$", text, re.M) if b in ("", a)}
     missing = set(mod.__all__) - shown - {"stochastic"}    # methods.stochastic has its own page
     assert not missing, f"public names of {package} missing from docs/api/{page}.md: {sorted(missing)}"
     for name in shown:
