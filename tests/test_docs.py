@@ -78,3 +78,12 @@ def test_readme_has_the_two_commands():
     text = _read(os.path.join(ROOT, "README.md"))
     setup = [b for lang, b in FENCE.findall(text) if lang.strip() == "bash" and re.search(r"^make ", b, re.M)]
     assert len(setup) == 1 and re.findall(r"^make (\w+)", setup[0], re.M) == ["demo", "test"]
+
+
+def test_docstrings_use_one_style():
+    """mkdocstrings renders Markdown: a Sphinx role (:func:`x`) would show as raw text on the API pages."""
+    role = re.compile(r":(func|class|meth|mod|attr|data|exc|obj):`")
+    for pkg in ("hypergrad", "constrained", "methods"):
+        for path in glob.glob(os.path.join(ROOT, pkg, "**", "*.py"), recursive=True):
+            for n, line in enumerate(_read(path).splitlines(), 1):
+                assert not role.search(line), f"{os.path.relpath(path, ROOT)}:{n}: a Sphinx role; write [`x`][pkg.x] or ``x``"
