@@ -87,3 +87,23 @@ def test_docstrings_use_one_style():
         for path in glob.glob(os.path.join(ROOT, pkg, "**", "*.py"), recursive=True):
             for n, line in enumerate(_read(path).splitlines(), 1):
                 assert not role.search(line), f"{os.path.relpath(path, ROOT)}:{n}: a Sphinx role; write [`x`][pkg.x] or ``x``"
+
+
+def test_site_lists_render_as_lists():
+    """Python-Markdown (the site's renderer) needs a blank line before a list and four spaces per nesting level;
+    GitHub does not, so a page can look right in the repository and come out as one paragraph on the site."""
+    item = re.compile(r"(\s*)([-*]|\d+\.) ")
+    for page in PAGES:
+        if page.endswith("README.md"):
+            continue
+        fence, prev = False, ""
+        for n, line in enumerate(_read(page).splitlines(), 1):
+            if line.startswith("```"):
+                fence = not fence
+            m = None if fence else item.match(line)
+            if m:
+                where = f"{os.path.relpath(page, ROOT)}:{n}"
+                assert len(m.group(1)) % 4 == 0, f"{where}: nest a list item by four spaces"
+                assert not (m.group(1) == "" and prev.strip() and not prev.startswith(" ") and not item.match(prev)
+                            and not prev.startswith("|")), f"{where}: a blank line is needed before the list"
+            prev = line
