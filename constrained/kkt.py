@@ -46,7 +46,7 @@ class KKTReport:
     ``active``/``inactive``/``degenerate``: indices into the inequalities (after the policy, a
     degenerate index is also in ``active`` ("keep") or ``inactive`` ("drop")). Residuals are absolute
     except ``stationarity_rel`` = ||grad_y L|| / (||grad_y g|| + ||J_p^T mu|| + ||J_q^T nu||). ``accuracy`` is
-    the point's natural KKT residual delta (see the docstring of the module ``constrained.kkt``);
+    the point's natural KKT residual delta (see the docstring of the module [`constrained.kkt`][constrained.kkt]);
     ``tau_mu``/``tau_slack`` the force and distance below which a constraint's multiplier and slack count as ~0 (both:
     degenerate).
     """

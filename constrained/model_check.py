@@ -133,7 +133,8 @@ def _cs(a, b) -> float:
 def check_derivatives(torch_problem: ConstrainedProblem, cvx_problem: cp.Problem, parameters, values, variables,
                       ineq, eq, params, hparams, tol: float, identity: bool, seed: int = 0) -> None:
     """Compare the derivatives of the torch model with central differences of the cvxpy expressions (see
-    the module docstring); raises [`ModelMismatchError`][constrained.ModelMismatchError] naming the piece, the
+    the docstring of the module [`constrained.model_check`][constrained.model_check]); raises
+    [`ModelMismatchError`][constrained.ModelMismatchError] naming the piece, the
     derivative and the gap. Restores the variables' and parameters' values afterwards."""
     dt = params[0].dtype
     tol = max(tol, 100 * torch.finfo(dt).eps)

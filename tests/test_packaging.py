@@ -6,13 +6,14 @@ The fresh environment gets the wheel with ``--no-deps``; its dependencies (torch
 running environment, appended to its path by a ``.pth`` file *after* its own site-packages, so the packages
 imported are the wheel's (checked by their ``__file__``) and each declared requirement is checked to be met.
 """
+import json
 import os
+import re
 import subprocess
 import sys
 import sysconfig
 import tarfile
 import textwrap
-import tomllib
 import zipfile
 
 import shutil
@@ -39,9 +40,8 @@ def _source_modules():
     return mods
 
 
-def _clean_copy(dest):
-    """The files a clean checkout has (tracked, or untracked and not ignored): no stale ``*.egg-info`` or build
-    folder of this working tree can leak files into the sdist."""
+def _tree_files():
+    """The files a clean checkout has (tracked, or untracked and not ignored)."""
     try:
         files = _run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT).split("\0")
     except (AssertionError, OSError):      # not a git checkout: everything but what builds and runs leave behind
@@ -50,7 +50,13 @@ def _clean_copy(dest):
         for dirpath, dirs, names in os.walk(ROOT):
             dirs[:] = [d for d in dirs if d not in skip and not d.endswith(".egg-info") and not d.startswith(".boat")]
             files += [os.path.relpath(os.path.join(dirpath, n), ROOT) for n in names if not n.endswith(".pyc")]
-    for rel in filter(None, files):
+    return [rel for rel in files if rel and os.path.isfile(os.path.join(ROOT, rel))]
+
+
+def _clean_copy(dest):
+    """A copy of the clean checkout's files: no stale ``*.egg-info`` or build folder of this working tree can leak
+    files into the sdist."""
+    for rel in _tree_files():
         src = os.path.join(ROOT, rel)
         if os.path.isfile(src):
             os.makedirs(os.path.join(dest, os.path.dirname(rel)), exist_ok=True)
@@ -79,12 +85,15 @@ def test_version_has_one_source(dist):
     import hypergrad
     import methods
     from hypergrad._version import __version__
-    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
-        project = tomllib.load(f)["project"]
-    assert "version" not in project and project["dynamic"] == ["version"]
+    with open(os.path.join(ROOT, "pyproject.toml")) as f:
+        pyproject = f.read()
+    project = re.search(r"^\[project\]\n(.*?)(?=^\[)", pyproject, re.M | re.S).group(1)    # the [project] table
+    assert not re.search(r"^version\s*=", project, re.M) and re.search(r'^dynamic = \["version"\]', project, re.M)
+    assert 'version = { attr = "hypergrad._version.__version__" }' in pyproject
     assert hypergrad.__version__ == constrained.__version__ == methods.__version__ == __version__
     wheel, sdist = dist
-    assert wheel.name.startswith(f"hypergrad_bilevel-{__version__}-") and sdist.name == f"hypergrad_bilevel-{__version__}.tar.gz"
+    assert wheel.name.startswith(f"hypergrad_bilevel-{__version__}-")
+    assert sdist.name == f"hypergrad_bilevel-{__version__}.tar.gz"
     with open(os.path.join(ROOT, "CHANGELOG.md")) as f:
         assert f"## {__version__}" in f.read(), "CHANGELOG.md has no section for the current version"
 
@@ -102,46 +111,96 @@ def test_wheel_holds_every_module_license_and_markers(dist):
         assert f.readline().strip() == "MIT License"
     with tarfile.open(sdist) as t:
         members = {m.split("/", 1)[1] for m in t.getnames() if "/" in m}
-    assert {"LICENSE", "README.md", "CHANGELOG.md", "pyproject.toml"} <= members
-    assert not (_source_modules() - members)
+    tree = {rel for rel in _tree_files() if not rel.startswith(".")}     # not .ci/, .gitignore
+    assert not tree - members, f"files of the source tree missing from the sdist: {sorted(tree - members)}"
+
+
+def _requirements(metadata_text):
+    """The unconditional ``Requires-Dist`` requirements of a METADATA file (no extras)."""
+    from packaging.requirements import Requirement
+    reqs = [Requirement(line.split(":", 1)[1].strip()) for line in metadata_text.splitlines()
+            if line.startswith("Requires-Dist:")]
+    return [r for r in reqs if r.marker is None or r.marker.evaluate({"extra": ""})]
+
+
+def _dependency_closure(requirements):
+    """Every distribution the requirements pull in, recursively (with the extras asked for), each checked to be
+    installed here at a version the requirement accepts."""
+    from importlib import metadata
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    seen, todo = {}, list(requirements)
+    while todo:
+        r = todo.pop()
+        dist = metadata.distribution(r.name)      # PackageNotFoundError: a dependency this environment lacks
+        assert r.specifier.contains(dist.version, prereleases=True), f"{r} but {dist.version} is installed"
+        name = canonicalize_name(r.name)
+        if name in seen and r.extras <= seen[name][1]:
+            continue
+        extras = r.extras | (seen[name][1] if name in seen else set())
+        seen[name] = (dist, extras)
+        for q in map(Requirement, dist.requires or []):
+            if q.marker is None or any(q.marker.evaluate({"extra": e}) for e in ("", *extras)):
+                todo.append(q)
+    return [d for d, _ in seen.values()]
+
+
+def _link_distributions(dists, dest):
+    """A folder holding (symlinks to) exactly these distributions' top-level files: a site of only the declared
+    dependencies, so an import the package does not declare fails in the fresh environment."""
+    os.makedirs(dest)
+    for dist in dists:
+        for f in dist.files or []:
+            top = f.parts[0]
+            if top in ("..", "__pycache__") or os.path.lexists(os.path.join(dest, top)):
+                continue
+            src = dist.locate_file(top)
+            if os.path.exists(src):
+                os.symlink(src, os.path.join(dest, top))
+    return dest
 
 
 def test_wheel_installs_and_imports_outside_the_source_tree(dist, tmp_path):
+    """The wheel in a fresh venv whose only other packages are the declared dependencies (linked from this
+    environment, versions checked): every module of all three packages imports there, from the venv."""
     wheel, _ = dist
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}   # no PYTHONPATH to the source tree
     env = tmp_path / "venv"
-    _run([sys.executable, "-m", "venv", "--without-pip", str(env)], cwd=str(tmp_path))
+    _run([sys.executable, "-m", "venv", "--without-pip", str(env)], cwd=str(tmp_path), env=clean)
     py = env / "bin" / "python"
     _run([sys.executable, "-m", "pip", "--python", str(py), "install", "--quiet", "--no-deps", "--no-index",
-          str(wheel)], cwd=str(tmp_path))
-    site = _run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=str(tmp_path))
-    # The running environment's packages (torch, cvxpy, ...) after the fresh site-packages: path lines only, so
-    # no .pth file of the running environment (e.g. an editable install of this repository) is executed.
-    deps = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
-    with open(os.path.join(site.strip(), "zz_deps.pth"), "w") as f:
-        f.write("\n".join(sorted(deps)) + "\n")
-    check = textwrap.dedent(f"""
-        import importlib.metadata as md, os, sys
-        from packaging.requirements import Requirement
-        import hypergrad, constrained, methods, methods.stochastic
-        env = os.path.realpath({str(env)!r})
-        for m in (hypergrad, constrained, methods, methods.stochastic):
-            assert os.path.realpath(m.__file__).startswith(env), m.__file__
-            assert not os.path.realpath(m.__file__).startswith(os.path.realpath({ROOT!r})), m.__file__
-        for m in (hypergrad, constrained, methods):
-            assert os.path.exists(os.path.join(os.path.dirname(m.__file__), "py.typed")), m
-        assert md.version("hypergrad-bilevel") == hypergrad.__version__
-        for r in map(Requirement, md.requires("hypergrad-bilevel")):
-            if r.marker is None:
-                assert r.specifier.contains(md.version(r.name), prereleases=True), (r, md.version(r.name))
+          "--ignore-installed", str(wheel)], cwd=str(tmp_path), env=clean)
+    with zipfile.ZipFile(wheel) as z:
+        meta = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+    deps = _link_distributions(_dependency_closure(_requirements(meta)), str(tmp_path / "deps"))
+    site = _run([str(py), "-I", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                cwd=str(tmp_path), env=clean).strip()
+    with open(os.path.join(site, "zz_deps.pth"), "w") as f:   # after the venv's own site-packages
+        f.write(deps + "\n")
+    check = textwrap.dedent("""
+        import importlib, importlib.metadata as md, json, os, pkgutil, sys
+        import hypergrad, constrained, methods
+        files = {}
+        for pkg in (hypergrad, constrained, methods):
+            for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
+                files[m.name] = importlib.import_module(m.name).__file__
+            files[pkg.__name__] = pkg.__file__
+        typed = [os.path.exists(os.path.join(os.path.dirname(p.__file__), "py.typed"))
+                 for p in (hypergrad, constrained, methods)]
         import torch
-        w = torch.tensor([0.5], dtype=torch.float64, requires_grad=True)
         lam = torch.tensor([2.0], dtype=torch.float64, requires_grad=True)
-        fp_map = lambda params, hparams: [params[0] - 0.1 * (hparams[0] * params[0] - 1.0)]
-        outer = lambda params, hparams: (params[0] ** 2).sum()
-        w_star = (1.0 / lam).detach().requires_grad_(True)
-        g = hypergrad.cg([w_star], [lam], 50, fp_map, outer, set_grad=False)[0]
-        assert abs(g.item() - (-2.0 / 2.0 ** 3)) < 1e-12, g     # d/dlam (1/lam)^2 = -2/lam^3
-        print("ok", hypergrad.__version__)
+        w = (1.0 / lam).detach().requires_grad_(True)       # w* = 1/lam, the fixed point of the map below
+        fp_map = lambda p, h: [p[0] - 0.1 * (h[0] * p[0] - 1.0)]
+        g = hypergrad.cg([w], [lam], 50, fp_map, lambda p, h: (p[0] ** 2).sum(), set_grad=False)[0]
+        print(json.dumps(dict(files=files, typed=typed, version=md.version("hypergrad-bilevel"),
+                              versions=[hypergrad.__version__, constrained.__version__, methods.__version__],
+                              grad=g.item())))
     """)
-    out = _run([str(py), "-I", "-c", check], cwd=str(tmp_path))
-    assert out.startswith("ok "), out
+    out = json.loads(_run([str(py), "-I", "-c", check], cwd=str(tmp_path), env=clean).strip().splitlines()[-1])
+    from hypergrad._version import __version__
+    venv = os.path.realpath(str(env))
+    assert len(out["files"]) >= len(_source_modules()) - 3, sorted(out["files"])      # every module (less py.typed)
+    for name, path in out["files"].items():
+        assert os.path.realpath(path).startswith(venv), f"{name} imported from {path}, not from the fresh venv"
+    assert all(out["typed"]) and out["version"] == __version__ and out["versions"] == [__version__] * 3
+    assert abs(out["grad"] - (-2.0 / 2.0 ** 3)) < 1e-12      # d/dlam (1/lam)^2 = -2/lam^3

@@ -86,7 +86,8 @@ class AmIGO(TwoLoopImplicit):
     Per iteration, each step on a fresh inner batch B: ``n_inner_steps`` steps y <- y - rho grad_y f_B, then
     ``n_inner_steps`` steps v <- v - eta (grad2_yy f_B v - grad_y F_j), then
     x <- x - gamma (grad_x F_j - grad2_xy f_B v), with rho = eta = step_size and gamma = step_size / outer_ratio
-    (the full description: the docstring of the module ``methods.stochastic.amigo``). Defaults (the
+    (the full description: the docstring of the module [`methods.stochastic.amigo`][methods.stochastic.amigo]).
+    Defaults (the
     benchmark's): step_size 0.1, outer_ratio 1, n_inner_steps 10 (SGD steps on y and on v per outer iteration).
 
     Args:

@@ -51,7 +51,8 @@ class BOME(StochasticSolver):
     ``lambda = max(phi - <grad F, grad q>, 0) / ||grad q||^2`` (0 where grad q = 0), then
     (y, x) <- (y - rho (grad_y F + lambda grad_y q), x - xi (grad_x F + lambda grad_x q)), with constant
     rho = step_size and xi = step_size / outer_ratio (the full description: the docstring of the module
-    ``methods.stochastic.bome``). Defaults (the benchmark's): step_size 0.1, outer_ratio 1, eta 0.5,
+    [`methods.stochastic.bome`][methods.stochastic.bome]). Defaults (the benchmark's): step_size 0.1, outer_ratio 1,
+    eta 0.5,
     n_inner_steps 10, choice_phi "grad_norm", and full batches (``batches="full"``).
 
     Args:

@@ -122,7 +122,8 @@ class MRBO(StochasticSolver):
     Attributes:
         d_y: the momentum-recursive estimator of grad_y f (zero at the start).
         d_x: the momentum-recursive estimator of the hypergradient (zero at the start).
-        y_old: the previous y (zero at the start, see the docstring of the module ``methods.stochastic.mrbo``).
+        y_old: the previous y (zero at the start, see the docstring of the module
+            [`methods.stochastic.mrbo`][methods.stochastic.mrbo]).
         x_old: the previous x (zero at the start, likewise).
         v: the last Neumann approximation of [grad2_yy f]^-1 grad_y F at (y, x) (diagnostic; never read).
     """

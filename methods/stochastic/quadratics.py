@@ -98,7 +98,7 @@ def sample_quadratics(n: int, p: int, q: int, L_inner: float, L_outer: float, L_
 
     E[H_i] has its spectrum log-spaced in [mu, L_inner], E[G_i] in [mu, L_outer] plus one zero eigenvalue,
     and E[C_i] its singular values log-spaced in [mu, L_cross] (the recipe of benchopt's benchmark_bilevel,
-    restated in the docstring of the module ``methods.stochastic.quadratics``).
+    restated in the docstring of the module [`methods.stochastic.quadratics`][methods.stochastic.quadratics]).
 
     Args:
         n: the number of samples.

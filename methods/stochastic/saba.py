@@ -50,7 +50,8 @@ class SABA(StochasticSolver):
     Each per-batch term phi_k (block k) enters as phi_k - m_k + m_bar, m_k its memory of block k and m_bar the
     mean of the memories; then y <- y - rho D_y, v <- v - rho D_v, x <- x - gamma D_x with constant steps
     rho = step_size, gamma = rho / outer_ratio (the full description: the docstring of the module
-    ``methods.stochastic.saba``). Needs the oracles' blocks (no custom ``sampler``). Defaults: step_size 0.1,
+    [`methods.stochastic.saba`][methods.stochastic.saba]). Needs the oracles' blocks (no custom ``sampler``).
+    Defaults: step_size 0.1,
     outer_ratio 1, init_memory "zero" (the benchmark's).
 
     Args:

@@ -23,7 +23,8 @@ class SOBA(StochasticSolver):
 
     With i a sample of f and j of F: y <- y - rho_t grad_y f_i, v <- v - rho_t (grad2_yy f_i v + grad_y F_j),
     x <- x - gamma_t (grad2_xy f_i v + grad_x F_j), where rho_t = step_size / (t + 1)^decay and
-    gamma_t = rho_t / outer_ratio (the full description: the docstring of the module ``methods.stochastic.soba``).
+    gamma_t = rho_t / outer_ratio (the full description: the docstring of the module
+    [`methods.stochastic.soba`][methods.stochastic.soba]).
     Defaults: step_size 0.1, outer_ratio 1, decay 1/2 (the benchmark's).
 
     Args:

@@ -40,7 +40,8 @@ class SRBA(StochasticSolver):
     Every ``period`` iterations (t = 0 included) the directions d are recomputed at full batch; in between,
     d <- d + D^{ij}(z) - D^{ij}(z_old) on one block i of f and j of F, z = (y, v, x) and z_old the previous
     iterate; then y <- y - rho d_y, v <- v - rho d_v, x <- x - gamma d_x with constant steps rho = step_size,
-    gamma = rho / outer_ratio (the full description: the docstring of the module ``methods.stochastic.srba``).
+    gamma = rho / outer_ratio (the full description: the docstring of the module
+    [`methods.stochastic.srba`][methods.stochastic.srba]).
     Defaults: step_size 0.1, outer_ratio 1, period_frac 0.5 (the benchmark's).
 
     Args:

@@ -57,7 +57,8 @@ class StocBiO(TwoLoopImplicit):
     Per iteration: ``n_inner_steps`` SGD steps on y; w = eta sum_{k<=K} prod_{j<=k} (I - eta grad2_yy f_{B_j}) g_y
     (K = ``n_shia_steps``, a fresh batch per factor) approximates [grad2_yy f]^-1 g_y, g_y = grad_y F_j; then
     x <- x - gamma (grad_x F_j - grad2_xy f_B w), with rho = eta = step_size and gamma = step_size / outer_ratio
-    (the full description: the docstring of the module ``methods.stochastic.stocbio``). Defaults (the
+    (the full description: the docstring of the module [`methods.stochastic.stocbio`][methods.stochastic.stocbio]).
+    Defaults (the
     benchmark's): step_size 0.1, outer_ratio 1, n_inner_steps 10 (SGD steps on y), n_shia_steps 10.
 
     Args:

@@ -66,7 +66,7 @@ class VRBO(StochasticSolver):
     ``n_inner_steps`` inner steps, each correcting (d_y, d_x) by the difference of same-batch estimates at the
     current and the previous y and stepping y <- y - rho d_y; constant steps rho = step_size,
     gamma = step_size / outer_ratio (the full description: the docstring of the module
-    ``methods.stochastic.vrbo``).
+    [`methods.stochastic.vrbo`][methods.stochastic.vrbo]).
 
     Defaults: step_size 0.1, outer_ratio 1, n_inner_steps 10, n_shia_steps 10
     (Neumann terms beyond the first) as in the benchmark's ``parameters``, and period_frac 0.01, its tuned
