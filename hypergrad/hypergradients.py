@@ -319,59 +319,81 @@ def check_fixed_point(fp_abs, fp_rel, fixed_point_tol: Optional[float], dtype: t
                       stacklevel=3)
 
 
-def _implicit(solver: str):
-    """A hypertorch-style function (params, hparams, K, fp_map, outer_loss, tol, set_grad) -> grads."""
-
-    def method(params, hparams, K, fp_map, outer_loss, tol=1e-10, set_grad=True, stochastic=False):
-        return hypergradient(params, hparams, fp_map, outer_loss, solver=solver, K=K, tol=tol,
-                             set_grad=tl.check_flag(set_grad, "set_grad"), stochastic=stochastic).grads
-
-    method.__name__ = method.__qualname__ = solver
-    method.__doc__ = (f"Hypergradient with the adjoint solved by {solver!r}, at most K iterations, stopping "
-                      f"when the residual norm is < tol (hypertorch's signature). Returns one tensor per "
-                      f"hparam and, with set_grad, adds it to hparam.grad. See "
-                      f"[`hypergradient`][hypergrad.hypergradient].")
-    return method
+def _hypertorch_style(solver, params, hparams, K, fp_map, outer_loss, tol, set_grad, stochastic=False):
+    """hypertorch's call: the general entry with an absolute ``tol``, returning only the grads."""
+    return hypergradient(params, hparams, fp_map, outer_loss, solver=solver, K=K, tol=tol,
+                         set_grad=tl.check_flag(set_grad, "set_grad"), stochastic=stochastic).grads
 
 
-fixed_point = _implicit("fixed_point")
-"""Hypergradient with the adjoint from the fixed-point iteration v <- (dPhi/dw)^T v + dE/dw (hypertorch's).
+def fixed_point(params, hparams, K, fp_map, outer_loss, tol=1e-10, set_grad=True, stochastic=False):
+    """Hypergradient with the adjoint from the fixed-point iteration v <- (dPhi/dw)^T v + dE/dw (hypertorch's).
 
-``fixed_point(params, hparams, K, fp_map, outer_loss, tol=1e-10, set_grad=True, stochastic=False)``: at most
-``K`` iterations, stopping when the residual norm is below ``tol``; returns one tensor per hparam and, with
-``set_grad``, adds it to ``hparam.grad`` (``stochastic``: ``fp_map`` is re-evaluated at every product).
-See [`hypergradient`][hypergrad.hypergradient] (``solver="fixed_point"``)."""
-CG = _implicit("cg")
-"""Hypergradient with the adjoint from conjugate gradient on (I - dPhi/dw)^T v = dE/dw (hypertorch's).
+    Converges when Phi contracts (spectral radius of dPhi/dw below 1); a map that does not is a
+    [`DivergenceError`][hypergrad.DivergenceError]. The checks and diagnostics of
+    [`hypergradient`][hypergrad.hypergradient] (``solver="fixed_point"``) apply.
 
-For a symmetric positive definite I - dPhi/dw (gradient-descent maps of a convex inner loss).
-``CG(params, hparams, K, fp_map, outer_loss, tol=1e-10, set_grad=True, stochastic=False)``, arguments and
-result as in [`fixed_point`][hypergrad.fixed_point]; see [`hypergradient`][hypergrad.hypergradient]
-(``solver="cg"``)."""
-minres = _implicit("minres")
-"""Hypergradient with the adjoint from MINRES on (I - dPhi/dw)^T v = dE/dw (symmetric, possibly indefinite).
+    Args:
+        params: w, a fixed point of ``fp_map`` (tensors with ``requires_grad``).
+        hparams: lambda (tensors with ``requires_grad``).
+        K: the largest number of iterations (a non-negative int).
+        fp_map: Phi, ``fp_map(params, hparams) -> list`` of tensors shaped like ``params``.
+        outer_loss: E, ``outer_loss(params, hparams) -> scalar``.
+        tol: stop when the residual norm is below this absolute tolerance (hypertorch's meaning; see the
+            porting guide for its two guards).
+        set_grad: add the result to ``hparam.grad``.
+        stochastic: ``fp_map`` is random; re-evaluate it at every product.
 
-``minres(params, hparams, K, fp_map, outer_loss, tol=1e-10, set_grad=True, stochastic=False)``, arguments
-and result as in [`fixed_point`][hypergrad.fixed_point]; see [`hypergradient`][hypergrad.hypergradient]
-(``solver="minres"``)."""
-gmres = _implicit("gmres")
-"""Hypergradient with the adjoint from GMRES on (I - dPhi/dw)^T v = dE/dw (any nonsingular operator).
+    Returns:
+        One tensor per hparam, dE/dlambda.
+    """
+    return _hypertorch_style("fixed_point", params, hparams, K, fp_map, outer_loss, tol, set_grad, stochastic)
 
-``gmres(params, hparams, K, fp_map, outer_loss, tol=1e-10, set_grad=True, stochastic=False)``, arguments
-and result as in [`fixed_point`][hypergrad.fixed_point]; see [`hypergradient`][hypergrad.hypergradient]
-(``solver="gmres"``)."""
+
+def CG(params, hparams, K, fp_map, outer_loss, tol=1e-10, set_grad=True, stochastic=False):
+    """Hypergradient with the adjoint from conjugate gradient on (I - dPhi/dw)^T v = dE/dw (hypertorch's).
+
+    For a symmetric positive definite I - dPhi/dw (gradient-descent maps of a convex inner loss); a
+    non-symmetric one is a [`BreakdownError`][hypergrad.BreakdownError] naming gmres. Returns the latest CG
+    iterate (hypertorch returns the one before). Arguments and result as in
+    [`fixed_point`][hypergrad.fixed_point]; see [`hypergradient`][hypergrad.hypergradient] (``solver="cg"``).
+    """
+    return _hypertorch_style("cg", params, hparams, K, fp_map, outer_loss, tol, set_grad, stochastic)
+
+
+def minres(params, hparams, K, fp_map, outer_loss, tol=1e-10, set_grad=True, stochastic=False):
+    """Hypergradient with the adjoint from MINRES on (I - dPhi/dw)^T v = dE/dw (symmetric, possibly indefinite).
+
+    For KKT maps and non-convex inner losses. Arguments and result as in [`fixed_point`][hypergrad.fixed_point];
+    see [`hypergradient`][hypergrad.hypergradient] (``solver="minres"``).
+    """
+    return _hypertorch_style("minres", params, hparams, K, fp_map, outer_loss, tol, set_grad, stochastic)
+
+
+def gmres(params, hparams, K, fp_map, outer_loss, tol=1e-10, set_grad=True, stochastic=False):
+    """Hypergradient with the adjoint from GMRES on (I - dPhi/dw)^T v = dE/dw (any nonsingular operator).
+
+    For momentum maps (`HeavyBall`, `Momentum`) and other non-symmetric ones. Arguments and result as in
+    [`fixed_point`][hypergrad.fixed_point]; see [`hypergradient`][hypergrad.hypergradient] (``solver="gmres"``).
+    """
+    return _hypertorch_style("gmres", params, hparams, K, fp_map, outer_loss, tol, set_grad, stochastic)
 
 
 def CG_normaleq(params, hparams, K, fp_map, outer_loss, tol=1e-10, set_grad=True):
-    """CG on the normal equations (I - J)(I - J^T) v = (I - J) dE/dw; any nonsingular map."""
-    return hypergradient(params, hparams, fp_map, outer_loss, solver="cg_normaleq", K=K, tol=tol,
-                         set_grad=tl.check_flag(set_grad, "set_grad")).grads
+    """CG on the normal equations (I - J)(I - J^T) v = (I - J) dE/dw, J = dPhi/dw; any nonsingular map.
+
+    It squares the condition number: prefer [`gmres`][hypergrad.gmres]. Arguments and result as in
+    [`fixed_point`][hypergrad.fixed_point].
+    """
+    return _hypertorch_style("cg_normaleq", params, hparams, K, fp_map, outer_loss, tol, set_grad)
 
 
 def neumann(params, hparams, K, fp_map, outer_loss, tol=1e-10, set_grad=True):
-    """Neumann series v = sum_{i<=K} (J^T)^i dE/dw; equals ``fixed_point`` with K + 1 steps."""
-    return hypergradient(params, hparams, fp_map, outer_loss, solver="neumann", K=K, tol=tol,
-                         set_grad=tl.check_flag(set_grad, "set_grad")).grads
+    """Neumann series v = sum_{i<=K} (J^T)^i dE/dw, J = dPhi/dw; equals ``fixed_point`` with K + 1 steps.
+
+    Arguments and result as in [`fixed_point`][hypergrad.fixed_point]; it stops when the last term's norm is
+    below ``tol``.
+    """
+    return _hypertorch_style("neumann", params, hparams, K, fp_map, outer_loss, tol, set_grad)
 
 
 cg = CG
@@ -381,7 +403,18 @@ cg_normaleq = CG_normaleq
 
 
 def reverse_unroll(params, hparams, outer_loss, set_grad=True):
-    """Backpropagate through the inner solver's graph: ``params`` must depend on ``hparams``."""
+    """Backpropagate through the inner solver's graph: dE(w_T(lambda), lambda)/dlambda (hypertorch's).
+
+    Args:
+        params: w_T, the last inner iterate, with the graph of the inner steps back to ``hparams`` (without it, a
+            ``ValueError``: the dependence would be dropped).
+        hparams: lambda (tensors with ``requires_grad``).
+        outer_loss: E, ``outer_loss(params, hparams) -> scalar``.
+        set_grad: add the result to ``hparam.grad``.
+
+    Returns:
+        One tensor per hparam (zeros for one the loss does not reach).
+    """
     params = tl.as_tensor_list(params, "params")
     hparams = tl.as_tensor_list(hparams, "hparams")
     tl.check_hparams(hparams)
@@ -423,7 +456,18 @@ def reverse(params_history, hparams, update_map_history, outer_loss, set_grad=Tr
 
     ``params_history`` = [w_0, ..., w_T] and ``update_map_history`` = [Phi_1, ..., Phi_T] with
     w_t = Phi_t(w_{t-1}, lambda). Passing only the last k iterates and maps gives truncated reverse.
-    ``tol`` is accepted (and ignored) for older hypertorch code.
+
+    Args:
+        params_history: the iterates [w_0, ..., w_T], each a list of tensors.
+        hparams: lambda (tensors with ``requires_grad``).
+        update_map_history: the maps [Phi_1, ..., Phi_T], exactly one fewer than the iterates (else a
+            ``ValueError``).
+        outer_loss: E, ``outer_loss(params, hparams) -> scalar``, at w_T.
+        set_grad: add the result to ``hparam.grad``.
+        tol: accepted and ignored, for older hypertorch code.
+
+    Returns:
+        One tensor per hparam.
     """
     hparams = tl.as_tensor_list(hparams, "hparams")
     tl.check_hparams(hparams)
@@ -449,7 +493,17 @@ def reverse(params_history, hparams, update_map_history, outer_loss, set_grad=Tr
 
 
 def exact(opt_params_f, hparams, outer_loss, set_grad=True):
-    """Backpropagate through a closed-form solution ``opt_params_f(hparams) -> params``."""
+    """Backpropagate through a closed-form solution: dE(w(lambda), lambda)/dlambda with w = ``opt_params_f(lambda)``.
+
+    Args:
+        opt_params_f: ``opt_params_f(hparams) -> params``, differentiable in ``hparams``.
+        hparams: lambda (tensors with ``requires_grad``).
+        outer_loss: E, ``outer_loss(params, hparams) -> scalar``.
+        set_grad: add the result to ``hparam.grad``.
+
+    Returns:
+        One tensor per hparam.
+    """
     hparams = tl.as_tensor_list(hparams, "hparams")
     tl.check_hparams(hparams)
     tl.check_flag(set_grad, "set_grad")
