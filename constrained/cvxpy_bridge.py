@@ -65,6 +65,21 @@ def split_constraints(problem: cp.Problem, ineq=None, eq=None) -> Tuple[list, li
     """The (ineq, eq) constraint lists: as given, or the problem's constraints by type, in order.
 
     Every constraint of ``problem`` must appear exactly once (otherwise the Lagrangian misses a term).
+
+    Args:
+        problem: the cvxpy problem.
+        ineq: its ``expr <= 0`` constraints (Inequality, NonPos), in the order of the torch side's ``ineq``.
+            With ``eq`` also None: the problem's inequality constraints in order; else None is no constraints.
+        eq: its ``expr == 0`` constraints (Equality, Zero), in the order of the torch side's ``eq``. With
+            ``ineq`` also None: the problem's equality constraints in order; else None is no constraints.
+
+    Returns:
+        ``(ineq, eq)``, two lists of cvxpy constraints.
+
+    Raises:
+        TypeError: a constraint in ``ineq`` or ``eq`` is not of its list's types.
+        ValueError: a constraint is listed twice, a constraint of the problem is missing (SOC, PSD and NonNeg
+            constraints are not supported), or a listed constraint is not in the problem.
     """
     if ineq is None and eq is None:
         ineq = [c for c in problem.constraints if isinstance(c, INEQ_TYPES)]

@@ -9,12 +9,28 @@ from .CG_torch import cat_list_to_tensor  # noqa: F401
 
 
 def grd(a, b):
-    """torch.autograd.grad(a, b) keeping the graph (create_graph and retain_graph)."""
+    """torch.autograd.grad(a, b) keeping the graph (create_graph and retain_graph).
+
+    Args:
+        a: the output to differentiate: a scalar tensor (or a sequence of scalars, whose gradients add up).
+        b: the input tensor or sequence of tensors; ``a`` must depend on each (unused inputs raise).
+
+    Returns:
+        A tuple with the gradient of ``a`` w.r.t. each input, with a graph (differentiable again).
+    """
     return torch.autograd.grad(a, b, create_graph=True, retain_graph=True)
 
 
 def list_dot(l1, l2):
-    """Extended dot product of two lists of tensors (a 0-d tensor)."""
+    """Extended dot product of two lists of tensors (a 0-d tensor).
+
+    Args:
+        l1: a non-empty list of tensors.
+        l2: a list of tensors paired in order with ``l1``, each of its partner's shape (or broadcastable to it).
+
+    Returns:
+        The 0-d tensor sum_i sum(l1[i] * l2[i]).
+    """
     return torch.stack([(a * b).sum() for a, b in zip(l1, l2)]).sum()
 
 
@@ -24,6 +40,14 @@ def jvp(fp_map, params, vs):
     ``fp_map`` takes params only. Differentiable (built with create_graph). hypertorch evaluates
     ``fp_map`` twice (once only for the shapes); this evaluates it once, so a stochastic map draws once.
     Outputs or params the map does not connect give zeros instead of an error.
+
+    Args:
+        fp_map: ``fp_map(params) -> sequence`` of tensors (hparams, if any, closed over).
+        params: the point, a list of tensors with ``requires_grad=True``.
+        vs: the tangent, one tensor per param, shaped like ``params``.
+
+    Returns:
+        A tuple with one tensor per output of ``fp_map(params)``, shaped like it, with a graph.
     """
     out = fp_map(params)
     dummy = [torch.ones_like(o).requires_grad_(True) for o in out]

@@ -57,7 +57,15 @@ class CheckpointedResult:
 def checkpoint_steps(T: int, checkpoints: Optional[int] = None) -> List[int]:
     """Steps 0, L, 2L, ... < T whose iterates are kept, L = ceil(T / c), c = ceil(sqrt T) by default.
 
-    There are ceil(T / L) <= c of them (e.g. T = 10, c = 4 gives L = 3 and [0, 3, 6, 9])."""
+    There are ceil(T / L) <= c of them (e.g. T = 10, c = 4 gives L = 3 and [0, 3, 6, 9]).
+
+    Args:
+        T: the number of inner steps (a non-negative int).
+        checkpoints: c, an int in [1, max(T, 1)]; default ceil(sqrt T).
+
+    Returns:
+        The kept steps in increasing order (``[0]`` when T = 0).
+    """
     _check_counts(T, checkpoints)
     if T == 0:
         return [0]
@@ -218,8 +226,21 @@ def reverse_checkpointed(params0: Sequence[Tensor], hparams: Sequence[Tensor],
                          checkpoints: Optional[int] = None, set_grad: bool = True) -> List[Tensor]:
     """Hypergradient through T steps w_{t+1} = step_map(w_t, hparams) from ``params0``, in memory O(sqrt T).
 
-    ``checkpoints`` iterates are kept (default ceil(sqrt T)); the same numbers as ``reverse_unroll``.
-    Returns one tensor per hparam and, with ``set_grad``, adds it to ``hparam.grad``. For the final
-    iterate w_T and the other options see [`checkpointed_hypergradient`][hypergrad.checkpointed_hypergradient]."""
+    The same numbers as ``reverse_unroll``. For the final iterate w_T and the other options see
+    [`checkpointed_hypergradient`][hypergrad.checkpointed_hypergradient].
+
+    Args:
+        params0: the initial iterate w_0 (treated as a constant; never modified).
+        hparams: the outer variables, each with ``requires_grad=True``.
+        step_map: Phi(params, hparams) -> params, or a list of T such maps (one per step); maps must be
+            deterministic (the backward pass recomputes and checks the iterates).
+        T: the number of inner steps (0 gives dE/dlambda at w_0).
+        outer_loss: E(params, hparams) -> scalar, evaluated at the final iterate w_T.
+        checkpoints: the number of iterates the forward pass keeps, in [1, max(T, 1)]; default ceil(sqrt T).
+        set_grad: add the hypergradient to ``hparam.grad`` (accumulates, like ``.backward()``).
+
+    Returns:
+        One tensor per hparam, dE(w_T, lambda)/dlambda (without a graph).
+    """
     return checkpointed_hypergradient(params0, hparams, step_map, T, outer_loss, checkpoints=checkpoints,
                                       set_grad=set_grad).grads

@@ -21,14 +21,30 @@ def _unwrap(module: nn.Module) -> nn.Module:
 def module_params(module: nn.Module, requires_grad: bool = True) -> List[Tensor]:
     """Detached copies of the module's parameters (in ``named_parameters`` order).
 
-    Ready to be ``params`` or ``hparams`` (``requires_grad`` as given); the module itself is not modified.
+    Ready to be ``params`` or ``hparams``; the module itself is not modified.
+
+    Args:
+        module: an ``nn.Module`` (or a ``DistributedDataParallel`` wrapping one).
+        requires_grad: the ``requires_grad`` flag of the copies.
+
+    Returns:
+        One cloned, detached tensor per parameter.
     """
     module = _unwrap(module)
     return [p.detach().clone().requires_grad_(requires_grad) for p in module.parameters()]
 
 
 def param_dict(module: nn.Module, tensors: Sequence[Tensor]) -> Dict[str, Tensor]:
-    """Name the tensors of a params list after the module's parameters."""
+    """Name the tensors of a params list after the module's parameters.
+
+    Args:
+        module: an ``nn.Module`` (or a ``DistributedDataParallel`` wrapping one).
+        tensors: one tensor per parameter, in ``named_parameters`` order, each of its parameter's shape
+            (otherwise a ``ValueError``).
+
+    Returns:
+        A dict from parameter name to the given tensor (the tensors themselves, not copies).
+    """
     module = _unwrap(module)
     names = [n for n, _ in module.named_parameters()]
     if len(names) != len(tensors):
@@ -54,7 +70,12 @@ def functional(module: nn.Module):
 
 
 def load_params(module: nn.Module, params: Sequence[Tensor]) -> None:
-    """Copy a params list back into the module's parameters (in place, without tracking)."""
+    """Copy a params list back into the module's parameters (in place, without tracking).
+
+    Args:
+        module: an ``nn.Module`` (or a ``DistributedDataParallel`` wrapping one), modified in place.
+        params: one tensor per parameter, in ``named_parameters`` order, each of its parameter's shape.
+    """
     module = _unwrap(module)
     with torch.no_grad():
         for p, t in zip(module.parameters(), param_dict(module, params).values()):

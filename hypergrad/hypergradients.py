@@ -520,6 +520,36 @@ def stoch_AID(params, hparams, outer_loss, K, J_inner=1, J_outer=1, fp_map=None,
     Solves the adjoint system by K steps of a torch optimizer (default SGD with lr 1, i.e. the
     fixed-point iteration) on minibatch estimates; averages J_outer outer and J_inner inner samples.
     With ``inner_loss`` instead of ``fp_map`` the system is H v = dE/dw (H the inner Hessian).
+
+    Args:
+        params: w, the inner solution (a list of tensors; not modified).
+        hparams: lambda (tensors with ``requires_grad``).
+        outer_loss: E, ``outer_loss(params, hparams) -> scalar`` (a minibatch estimate with ``stoch_outer``).
+        K: the number of steps of the adjoint optimizer (a non-negative int).
+        J_inner: the number of evaluations of the map averaged in the (dPhi/dlambda)^T v term; other than 1
+            only with ``stoch_inner=True``.
+        J_outer: the number of evaluations of ``outer_loss`` averaged in dE/dw and dE/dlambda; other than 1
+            only with ``stoch_outer=True``.
+        fp_map: Phi, ``fp_map(params, hparams) -> list`` of tensors shaped like ``params``; used when given
+            (also when ``inner_loss`` is given too, as in hypertorch).
+        inner_loss: ``inner_loss(params, hparams) -> scalar``, used when ``fp_map`` is None: the map is
+            Phi = -d inner_loss/dw and the system H v = dE/dw. One of ``fp_map`` and ``inner_loss`` is needed.
+        linsys_start: the start of the adjoint v, shaped like ``params`` (copied, not modified); default dE/dw.
+        stoch_outer: ``outer_loss`` is random (allows ``J_outer > 1``; the final check that the residual
+            decreased is skipped).
+        stoch_inner: the map (or ``inner_loss``) is random: re-evaluated at every product (allows
+            ``J_inner > 1``; the final residual check is skipped).
+        optim_build: ``optim_build(v, **opt_params) -> (optimizer, scheduler)`` for the list of tensors v;
+            ``scheduler`` may be None, else its ``step()`` follows each optimizer step. Default
+            ``torch.optim.SGD(v, lr=1.0)`` without a scheduler.
+        opt_params: a dict of keyword arguments for ``optim_build`` (default none).
+        set_grad: add the result to ``hparam.grad``.
+        verbose: print the residual norm of the linear system every ``K // 5`` steps and at the last one
+            (at every step when K < 5).
+
+    Returns:
+        ``(grads, v)``: one tensor per hparam, dE/dlambda (without a graph), and the adjoint v after the K
+        steps (one tensor per param).
     """
     if fp_map is None and inner_loss is None:
         raise ValueError("stoch_AID needs fp_map or inner_loss")
@@ -582,13 +612,36 @@ def stoch_AID(params, hparams, outer_loss, K, J_inner=1, J_outer=1, fp_map=None,
 
 # hypertorch's public utilities, for code that imports them from hypergrad.hypergradients
 def get_outer_gradients(outer_loss, params, hparams, retain_graph=True):
-    """(dE/dparams, dE/dhparams) of an evaluated outer loss, zeros where unused."""
+    """(dE/dparams, dE/dhparams) of an evaluated outer loss, zeros where unused.
+
+    Args:
+        outer_loss: the outer loss E already evaluated (a scalar tensor with a graph), not a callable.
+        params: the tensors of the first gradient (a sequence).
+        hparams: the tensors of the second gradient (a sequence).
+        retain_graph: keep the graph of ``outer_loss`` after the second gradient (it is always kept after
+            the first).
+
+    Returns:
+        A pair of lists: dE/dparams (one tensor per param) and dE/dhparams (one per hparam), without a graph.
+    """
     return (tl.grad_or_zeros(outer_loss, params, retain_graph=True),
             tl.grad_or_zeros(outer_loss, hparams, retain_graph=retain_graph))
 
 
 def grad_unused_zero(output, inputs, grad_outputs=None, retain_graph=False, create_graph=False):
-    """torch.autograd.grad with zeros for unused inputs (a tuple, as in hypertorch)."""
+    """torch.autograd.grad with zeros for unused inputs (a tuple, as in hypertorch).
+
+    Args:
+        output: the tensor (or sequence of tensors) to differentiate.
+        inputs: the sequence of tensors to differentiate with respect to.
+        grad_outputs: the vector(s) of the vector-Jacobian product, as in ``torch.autograd.grad`` (None for
+            a scalar ``output``).
+        retain_graph: keep the graph after the call (passed to ``torch.autograd.grad``).
+        create_graph: build a graph of the gradients, for higher derivatives (passed to ``torch.autograd.grad``).
+
+    Returns:
+        A tuple with one tensor per input: its gradient, or zeros where ``output`` does not depend on it.
+    """
     return tuple(tl.grad_or_zeros(output, inputs, grad_outputs, retain_graph, create_graph))
 
 
@@ -597,7 +650,12 @@ cat_list_to_tensor = tl.flatten
 
 def update_tensor_grads(hparams, grads):
     """hypertorch's helper: hparam.grad += grad for each pair, creating ``.grad`` where missing; a ``None`` grad
-    (an hparam without a gradient) leaves ``.grad`` as it is, zeros where it was missing, as hypertorch does."""
+    (an hparam without a gradient) leaves ``.grad`` as it is, zeros where it was missing, as hypertorch does.
+
+    Args:
+        hparams: the tensors whose ``.grad`` is updated in place.
+        grads: one tensor (shaped like its hparam) or None per hparam, paired in order.
+    """
     for h, g in zip(hparams, grads):
         if g is not None:
             tl.accumulate_grads([h], [g])

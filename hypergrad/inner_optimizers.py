@@ -168,19 +168,56 @@ def _grads(loss, params, create_graph):
 
 
 def gd_step(params, loss, step_size, create_graph=True):
-    """One gradient step on ``loss``: [w - step_size * g] (hypertorch's function)."""
+    """One gradient step on ``loss``: [w - step_size * g] (hypertorch's function).
+
+    Args:
+        params: the iterate w, a list of tensors with ``requires_grad=True``.
+        loss: the inner loss, a scalar tensor with a graph to ``params``.
+        step_size: the step (a number or a tensor, e.g. computed from hparams).
+        create_graph: build the gradient with a graph, so that the new iterate is differentiable through
+            the step (needed to backpropagate through it).
+
+    Returns:
+        The new iterate, one tensor per param (a param the loss does not use is returned as it is).
+    """
     return [w if g is None else w - step_size * g for w, g in zip(params, _grads(loss, params, create_graph))]
 
 
 def heavy_ball_step(params, aux_params, loss, step_size, momentum, create_graph=True):
-    """Heavy-ball step: ([w - step_size * g + momentum * (w - v)], params), v the previous iterate (hypertorch's)."""
+    """Heavy-ball step: ([w - step_size * g + momentum * (w - v)], params), v the previous iterate (hypertorch's).
+
+    Args:
+        params: the iterate w, a list of tensors with ``requires_grad=True``.
+        aux_params: the previous iterate v, one tensor per param.
+        loss: the inner loss, a scalar tensor with a graph to ``params``.
+        step_size: the step (a number or a tensor).
+        momentum: the momentum coefficient (a number or a tensor).
+        create_graph: build the gradient with a graph, so that the new iterate is differentiable through
+            the step.
+
+    Returns:
+        ``(new_params, params)``: the new iterate and ``params`` itself (the next step's ``aux_params``).
+    """
     grads = _grads(loss, params, create_graph)
     return [(w if g is None else w - step_size * g) + momentum * (w - v)
             for g, w, v in zip(grads, params, aux_params)], params
 
 
 def torch_momentum_step(params, aux_params, loss, step_size, momentum, create_graph=True):
-    """torch.optim.SGD's momentum step: v <- momentum * v + g, w <- w - step_size * v (hypertorch's)."""
+    """torch.optim.SGD's momentum step: v <- momentum * v + g, w <- w - step_size * v (hypertorch's).
+
+    Args:
+        params: the iterate w, a list of tensors with ``requires_grad=True``.
+        aux_params: the momentum buffers v, one tensor per param.
+        loss: the inner loss, a scalar tensor with a graph to ``params``.
+        step_size: the step (a number or a tensor).
+        momentum: the momentum coefficient (a number or a tensor).
+        create_graph: build the gradient with a graph, so that the new iterate is differentiable through
+            the step.
+
+    Returns:
+        ``(new_params, new_aux_params)``: the new iterate and the new momentum buffers.
+    """
     grads = _grads(loss, params, create_graph)
     new_aux = [momentum * v if g is None else momentum * v + g for v, g in zip(aux_params, grads)]
     return [w - step_size * nv for w, nv in zip(params, new_aux)], new_aux

@@ -325,7 +325,16 @@ def _check_root(r: float, rel: float, root_tol: Optional[float], dtype) -> None:
 def fixed_point_solve(fp_map: FpMap, params0: Sequence[Tensor], hparams: Sequence[Tensor], **options) -> List[Tensor]:
     """The fixed point of ``fp_map`` from ``params0``, differentiable in hparams.
 
-    ``FixedPointLayer(fp_map, **options)(params0, hparams)``; ``options`` are
-    [`FixedPointLayer`][hypergrad.FixedPointLayer]'s.
+    ``FixedPointLayer(fp_map, **options)(params0, hparams)``, with a new layer at each call.
+
+    Args:
+        fp_map: Phi(params, hparams) -> list shaped like params.
+        params0: the start of the forward solver (gets no gradient).
+        hparams: lambda, the tensors the fixed point is differentiable in.
+        **options: [`FixedPointLayer`][hypergrad.FixedPointLayer]'s keywords (``solver``, ``maxiter``, ``tol``,
+            ``rtol``, ``solver_options``, and those of [`ImplicitLayer`][hypergrad.ImplicitLayer]).
+
+    Returns:
+        The fixed point w*, one tensor per tensor of ``params0``, differentiable in ``hparams``.
     """
     return FixedPointLayer(fp_map, **options)(params0, hparams)
