@@ -526,9 +526,9 @@ def stoch_AID(params, hparams, outer_loss, K, J_inner=1, J_outer=1, fp_map=None,
         hparams: lambda (tensors with ``requires_grad``).
         outer_loss: E, ``outer_loss(params, hparams) -> scalar`` (a minibatch estimate with ``stoch_outer``).
         K: the number of steps of the adjoint optimizer (a non-negative int).
-        J_inner: the number of evaluations of the map averaged in the (dPhi/dlambda)^T v term; other than 1
+        J_inner: the number of evaluations of the map averaged in the (dPhi/dlambda)^T v term (at least 1); other than 1
             only with ``stoch_inner=True``.
-        J_outer: the number of evaluations of ``outer_loss`` averaged in dE/dw and dE/dlambda; other than 1
+        J_outer: the number of evaluations of ``outer_loss`` averaged in dE/dw and dE/dlambda (at least 1); other than 1
             only with ``stoch_outer=True``.
         fp_map: Phi, ``fp_map(params, hparams) -> list`` of tensors shaped like ``params``; used when given
             (also when ``inner_loss`` is given too, as in hypertorch).
@@ -556,6 +556,9 @@ def stoch_AID(params, hparams, outer_loss, K, J_inner=1, J_outer=1, fp_map=None,
     inner_loss = None if fp_map is not None else inner_loss  # both given: fp_map, as in hypertorch
     K = tl.check_count(K, "K")
     J_inner, J_outer = tl.check_count(J_inner, "J_inner"), tl.check_count(J_outer, "J_outer")
+    for name, count in (("J_inner", J_inner), ("J_outer", J_outer)):
+        if count < 1:   # 0 would average no samples: a division by zero, or the indirect term silently dropped
+            raise ValueError(f"{name} must be at least 1 (the number of samples averaged), got {count}")
     tl.check_flag(set_grad, "set_grad")
     if J_inner != 1 and not stoch_inner:
         raise ValueError("J_inner > 1 only makes sense with stoch_inner=True")

@@ -135,6 +135,16 @@ def test_stoch_aid_deterministic_matches_reference():
     assert rel_err(grads[0], p["ref"]) <= 1e-10
 
 
+@pytest.mark.parametrize("which", ["J_inner", "J_outer"])
+def test_stoch_aid_refuses_zero_samples(which):
+    """J = 0 averages no samples: J_inner=0 would drop the indirect term, J_outer=0 divide by zero."""
+    p = ridge(cond=None)
+    gd = hg.GradientDescent(p["inner_loss"], p["step"])
+    with pytest.raises(ValueError, match=f"{which} must be at least 1"):
+        hg.stoch_AID([p["w_star"]], [p["lam"]], p["outer_loss"], 10, fp_map=gd, set_grad=False, verbose=False,
+                     stoch_inner=True, stoch_outer=True, **{which: 0})
+
+
 @pytest.mark.parametrize("cond", [10.0, 1e4, 1e8])
 @pytest.mark.parametrize("rtol", [1e-4, 1e-8, 1e-12])
 def test_cg_converged_means_true_residual_below_tolerance(cond, rtol):
