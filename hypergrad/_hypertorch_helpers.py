@@ -26,11 +26,15 @@ def list_dot(l1, l2):
 
     Args:
         l1: a non-empty list of tensors.
-        l2: a list of tensors paired in order with ``l1``, each of its partner's shape (or broadcastable to it).
+        l2: a list of tensors paired in order with ``l1``, as long, each of its partner's shape (or broadcastable
+            to it); lists of different lengths are a ``ValueError`` (``zip`` would drop the extra terms).
 
     Returns:
         The 0-d tensor sum_i sum(l1[i] * l2[i]).
     """
+    l1, l2 = list(l1), list(l2)
+    if len(l1) != len(l2):
+        raise ValueError(f"list_dot: the lists have {len(l1)} and {len(l2)} tensors; they must pair one to one")
     return torch.stack([(a * b).sum() for a, b in zip(l1, l2)]).sum()
 
 

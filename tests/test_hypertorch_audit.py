@@ -311,6 +311,8 @@ def test_jvp_grd_list_dot_cat_list_to_tensor():
     assert (torch.cat(out) - ref).norm() <= 1e-12 * ref.norm()
     assert len(calls) == 1  # hypertorch evaluates fp_map twice; one evaluation gives the same product
     assert abs(list_dot(vs, vs) - torch.cat(vs) @ torch.cat(vs)) <= 1e-14 * (torch.cat(vs) @ torch.cat(vs))
+    with pytest.raises(ValueError, match="pair one to one"):   # zip would silently drop the second term
+        list_dot(vs, vs[:1])
     (d,) = grd((params[0] ** 3).sum(), params[0])
     assert d.requires_grad and torch.allclose(d, 3 * params[0] ** 2)
     assert torch.equal(cat_list_to_tensor(list_tx=[torch.ones(2, 2), torch.zeros(1)]),
