@@ -555,10 +555,8 @@ def stoch_AID(params, hparams, outer_loss, K, J_inner=1, J_outer=1, fp_map=None,
         raise ValueError("stoch_AID needs fp_map or inner_loss")
     inner_loss = None if fp_map is not None else inner_loss  # both given: fp_map, as in hypertorch
     K = tl.check_count(K, "K")
-    J_inner, J_outer = tl.check_count(J_inner, "J_inner"), tl.check_count(J_outer, "J_outer")
-    for name, count in (("J_inner", J_inner), ("J_outer", J_outer)):
-        if count < 1:   # 0 would average no samples: a division by zero, or the indirect term silently dropped
-            raise ValueError(f"{name} must be at least 1 (the number of samples averaged), got {count}")
+    # at least one sample each: 0 would divide by zero, or silently drop the indirect term
+    J_inner, J_outer = tl.check_count(J_inner, "J_inner", 1), tl.check_count(J_outer, "J_outer", 1)
     tl.check_flag(set_grad, "set_grad")
     if J_inner != 1 and not stoch_inner:
         raise ValueError("J_inner > 1 only makes sense with stoch_inner=True")

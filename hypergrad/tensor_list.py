@@ -206,8 +206,8 @@ def check_finite(xs: Sequence[Tensor], names: Sequence[str]) -> None:
             raise NonFiniteError(f"{n} contains NaN or Inf (before any solve): check the values passed as {n}")
 
 
-def check_count(value, name: str) -> int:
-    """A non-negative integral number (int, numpy integer, 0-d integer tensor) as an int; bools rejected."""
+def check_count(value, name: str, minimum: int = 0) -> int:
+    """An integral number >= ``minimum`` (int, numpy integer, 0-d integer tensor) as an int; bools rejected."""
     if isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool):
         raise TypeError(f"{name} must be a non-negative integer, got the bool {value!r}")
     if isinstance(value, Tensor):
@@ -220,6 +220,8 @@ def check_count(value, name: str) -> int:
         raise TypeError(f"{name} must be a non-negative integer, got {value!r} ({type(value).__name__})") from None
     if as_int < 0:
         raise ValueError(f"{name} must be a non-negative integer, got {as_int}")
+    if as_int < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {as_int}")
     return as_int
 
 
