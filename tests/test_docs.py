@@ -1,6 +1,7 @@
 """The documentation cannot rot: every python block of the README and of the site's pages runs as written, every
 public name is on the API pages, every example and benchmark script is on its page, every relative link of the
-README leads to a file. (`make docs` builds the site with ``--strict``: broken links and references fail it.)"""
+README leads to a file and heading, docstrings have one style and the site's lists render as lists. (`make docs`
+builds the site with ``--strict``: broken links and references fail it.)"""
 import dataclasses
 import glob
 import importlib
@@ -70,7 +71,7 @@ def test_pages_have_blocks():
 
 
 def _own_docstring(obj):
-    """The docstring written for ``obj``: not a dataclass's generated signature, not one inherited from a base."""
+    """The docstring written for ``obj``, not the signature that ``@dataclass`` puts where there is none."""
     doc = (obj.__doc__ or "").strip()
     if isinstance(obj, type) and dataclasses.is_dataclass(obj) and doc.startswith(obj.__name__ + "("):
         return ""
@@ -151,7 +152,7 @@ def test_site_lists_render_as_lists():
             continue
         fence, prev = False, ""
         for n, line in enumerate(_read(page).splitlines(), 1):
-            if line.startswith("```"):
+            if OPEN.match(line):
                 fence = not fence
             m = None if fence else item.match(line)
             if m:

@@ -2,9 +2,10 @@
 accepts, and the wheel, installed into a fresh virtual environment, imports all three packages from outside the
 source tree, at one version, with their ``py.typed`` markers and every module of the source tree.
 
-The fresh environment gets the wheel with ``--no-deps``; its dependencies (torch, cvxpy, ...) are those of the
-running environment, appended to its path by a ``.pth`` file *after* its own site-packages, so the packages
-imported are the wheel's (checked by their ``__file__``) and each declared requirement is checked to be met.
+The fresh environment gets the wheel with ``--no-deps``; its dependencies (torch, cvxpy, ...) are the closure of the
+wheel's declared requirements, each checked to be installed here at an accepted version and linked into a folder
+that a ``.pth`` file appends *after* the venv's own site-packages: the modules imported are the wheel's (checked by
+their ``__file__``), and an import the package does not declare fails.
 """
 import json
 import os
@@ -12,11 +13,10 @@ import re
 import subprocess
 import sys
 import sysconfig
+import shutil
 import tarfile
 import textwrap
 import zipfile
-
-import shutil
 
 import pytest
 
@@ -28,16 +28,6 @@ def _run(cmd, cwd, **kw):
     out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, **kw)
     assert out.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
     return out.stdout
-
-
-def _source_modules():
-    mods = set()
-    for pkg in PACKAGES:
-        for dirpath, dirs, files in os.walk(os.path.join(ROOT, pkg)):
-            dirs[:] = [d for d in dirs if d != "__pycache__"]
-            mods.update(os.path.relpath(os.path.join(dirpath, f), ROOT).replace(os.sep, "/")
-                        for f in files if f.endswith(".py") or f == "py.typed")
-    return mods
 
 
 def _tree_files():
@@ -53,14 +43,17 @@ def _tree_files():
     return [rel for rel in files if rel and os.path.isfile(os.path.join(ROOT, rel))]
 
 
+def _source_modules():
+    """The package files of the tree: every module and the ``py.typed`` markers."""
+    return {rel for rel in _tree_files() if rel.split("/")[0] in PACKAGES and rel.endswith((".py", "/py.typed"))}
+
+
 def _clean_copy(dest):
     """A copy of the clean checkout's files: no stale ``*.egg-info`` or build folder of this working tree can leak
     files into the sdist."""
     for rel in _tree_files():
-        src = os.path.join(ROOT, rel)
-        if os.path.isfile(src):
-            os.makedirs(os.path.join(dest, os.path.dirname(rel)), exist_ok=True)
-            shutil.copy2(src, os.path.join(dest, rel))
+        os.makedirs(os.path.join(dest, os.path.dirname(rel)), exist_ok=True)
+        shutil.copy2(os.path.join(ROOT, rel), os.path.join(dest, rel))
     return dest
 
 
@@ -199,7 +192,8 @@ def test_wheel_installs_and_imports_outside_the_source_tree(dist, tmp_path):
     out = json.loads(_run([str(py), "-I", "-c", check], cwd=str(tmp_path), env=clean).strip().splitlines()[-1])
     from hypergrad._version import __version__
     venv = os.path.realpath(str(env))
-    assert len(out["files"]) >= len(_source_modules()) - 3, sorted(out["files"])      # every module (less py.typed)
+    modules = {rel[:-3].replace("/", ".").removesuffix(".__init__") for rel in _source_modules() if rel.endswith(".py")}
+    assert set(out["files"]) == modules, sorted(set(out["files"]) ^ modules)     # every module of the tree, imported
     for name, path in out["files"].items():
         assert os.path.realpath(path).startswith(venv), f"{name} imported from {path}, not from the fresh venv"
     assert all(out["typed"]) and out["version"] == __version__ and out["versions"] == [__version__] * 3
